@@ -1,0 +1,145 @@
+"""Batched greedy TDT / RNNT decoding, label-looping style, with no Python loop over utterances.
+
+Every utterance b keeps a frame pointer t_b, the prediction-network state, and a count of labels emitted at its
+last label frame. One step, for all utterances at once:
+
+    logits = joint(f[b, t_b], g_b);  label = argmax(tokens + blank);  d = durations[argmax(duration logits)]
+    blank:      t_b += max(d, 1)
+    non-blank:  emit (label, t_b, d); g_b <- prediction(label); t_b += d;
+                if d == 0 and max_symbols labels were already emitted at t_b: t_b += 1   (NeMo's forced blank)
+
+An utterance is finished when t_b >= its length. This is NeMo's ``greedy_batch`` (label looping) unrolled into one
+uniform step, so the tokens, frames and the duration that moved t_b are the same as NeMo's. For RNNT the "duration"
+of blank is 1 and of a label 0. The loop checks for completion every ``sync_every`` steps only: on a GPU that is
+one host sync per ``sync_every`` steps, not one per token (finished utterances are masked, so extra steps are no-ops).
+
+Streaming carries ``DecoderState`` between chunks: LSTM state, projected prediction output, last label, and
+``time_jump`` = how far the last advance overshot the end of the chunk (the next chunk starts there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.transducer import Joint, LSTMState, PredictionNetwork
+
+
+@dataclass
+class DecoderState:
+    lstm: LSTMState  # (h, c) [layers, B, H]
+    pred_out: torch.Tensor  # projected prediction output [B, J]
+    last_label: torch.Tensor  # [B], blank if nothing emitted yet
+    time_jump: torch.Tensor  # [B] frames into the next chunk where decoding resumes
+
+    def select(self, index: torch.Tensor) -> "DecoderState":
+        h, c = self.lstm
+        return DecoderState((h[:, index], c[:, index]), self.pred_out[index], self.last_label[index],
+                            self.time_jump[index])
+
+    @staticmethod
+    def stack(states: list["DecoderState"]) -> "DecoderState":
+        return DecoderState(
+            (torch.cat([s.lstm[0] for s in states], 1), torch.cat([s.lstm[1] for s in states], 1)),
+            torch.cat([s.pred_out for s in states]), torch.cat([s.last_label for s in states]),
+            torch.cat([s.time_jump for s in states]))
+
+
+@dataclass
+class BatchedTokens:
+    """Emitted tokens per utterance, padded: labels/frames/durations [B, N]; counts [B]."""
+
+    labels: torch.Tensor
+    frames: torch.Tensor
+    durations: torch.Tensor
+    counts: torch.Tensor
+
+    def to_lists(self) -> list[list[tuple[int, int, int]]]:
+        labels, frames, durs, counts = (x.cpu().tolist() for x in (self.labels, self.frames, self.durations, self.counts))
+        return [list(zip(labels[b][:n], frames[b][:n], durs[b][:n])) for b, n in enumerate(counts)]
+
+
+class GreedyTransducerDecoder:
+    def __init__(self, prednet: PredictionNetwork, joint: Joint, durations: list[int] | None, max_symbols: int = 10,
+                 sync_every: int | None = None):
+        self.prednet, self.joint = prednet, joint
+        self.blank = prednet.blank_id
+        self.tdt = bool(durations)
+        self.durations = list(durations or [])
+        self.max_symbols = max_symbols
+        self.sync_every = sync_every
+
+    # ------------------------------------------------------------------ state
+    @torch.no_grad()
+    def initial_state(self, batch: int, device, dtype=torch.float32) -> DecoderState:
+        lstm = self.prednet.initial_state(batch, device, dtype)
+        blank = torch.full((batch,), self.blank, dtype=torch.long, device=device)
+        out, lstm = self.prednet.step(blank, lstm)
+        return DecoderState(lstm, self.joint.project_prednet(out), blank, torch.zeros_like(blank))
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def __call__(self, encoded_bdt: torch.Tensor, lengths: torch.Tensor,
+                 state: DecoderState | None = None) -> tuple[BatchedTokens, DecoderState]:
+        """encoded [B, D, T] (NeMo layout), lengths [B] -> tokens, state after the last frame."""
+        b, _, t_max = encoded_bdt.shape
+        device = encoded_bdt.device
+        f = self.joint.project_encoder(encoded_bdt.transpose(1, 2))  # [B, T, J]
+        dtype = f.dtype
+        if state is None:
+            state = self.initial_state(b, device, dtype)
+        h, c = state.lstm
+        g = state.pred_out.to(dtype)
+        last_label = state.last_label.clone()
+        lengths = lengths.to(device=device, dtype=torch.long)
+        batch = torch.arange(b, device=device)
+        last_frame = (lengths - 1).clamp(min=0)
+        t = state.time_jump.to(torch.long).clone()
+        active = t < lengths
+        num_tokens = 1 + self.blank
+        dur_table = torch.tensor(self.durations or [0], dtype=torch.long, device=device)
+        capacity = max(t_max, 1) * self.max_symbols + 1
+        labels_out = torch.zeros(b, capacity, dtype=torch.long, device=device)
+        frames_out = torch.zeros_like(labels_out)
+        durs_out = torch.zeros_like(labels_out)
+        counts = torch.zeros(b, dtype=torch.long, device=device)
+        last_emit_frame = torch.full((b,), -1, dtype=torch.long, device=device)
+        emits_at_frame = torch.zeros(b, dtype=torch.long, device=device)
+        sync_every = self.sync_every or (1 if device.type == "cpu" else 16)
+        if t_max == 0:
+            active = torch.zeros_like(active)
+        steps = 0
+        while bool(active.any()):
+            for _ in range(sync_every):
+                logits = self.joint.joint_after_projection(f[batch, torch.minimum(t, last_frame)], g)
+                label = logits[:, :num_tokens].argmax(-1)
+                is_blank = label == self.blank
+                if self.tdt:
+                    dur = dur_table[logits[:, num_tokens:].argmax(-1)]
+                    dur = torch.where(is_blank & (dur == 0), 1, dur)
+                else:
+                    dur = is_blank.long()
+                emit = active & ~is_blank
+                # record (slot `counts` is overwritten until something is emitted there)
+                labels_out[batch, counts] = label
+                frames_out[batch, counts] = t
+                durs_out[batch, counts] = dur
+                counts += emit
+                same_frame = last_emit_frame == t
+                emits_at_frame = torch.where(emit, torch.where(same_frame, emits_at_frame + 1, 1), emits_at_frame)
+                last_emit_frame = torch.where(emit, t, last_emit_frame)
+                last_label = torch.where(emit, label, last_label)
+                # prediction network advances only where a label was emitted
+                out, (h_new, c_new) = self.prednet.step(torch.where(emit, label, self.blank), (h, c))
+                keep = emit[None, :, None]
+                h, c = torch.where(keep, h_new, h), torch.where(keep, c_new, c)
+                g = torch.where(emit[:, None], self.joint.project_prednet(out), g)
+                t = t + dur * active
+                t = t + (emit & (emits_at_frame >= self.max_symbols) & (last_emit_frame == t))
+                active = t < lengths
+                steps += 1
+        n = int(counts.max()) if b else 0
+        tokens = BatchedTokens(labels_out[:, :n], frames_out[:, :n], durs_out[:, :n], counts)
+        new_state = DecoderState((h, c), g, last_label, t - lengths)
+        return tokens, new_state

@@ -1,0 +1,320 @@
+"""FastConformer encoder in plain PyTorch, with NeMo's ``ConformerEncoder`` parameter names.
+
+    features [B, F, T_mel] --dw_striding x8--> x [B, T, D] --N x ConformerLayer--> encoded [B, D, T]
+
+Each ConformerLayer: x + 0.5 FF(x) -> + RelPosMHA -> + Conv -> + 0.5 FF -> LayerNorm (macaron).
+
+Streaming (cache-aware) support follows NeMo's semantics: every layer takes ``cache_last_channel`` (the last C
+layer inputs of attention, [B, C, D]) and ``cache_last_time`` (the last K-1 inputs of the depthwise convolution,
+[B, D, K-1]) and returns their next values; the encoder stacks them layer-first ([L, B, C, D], [L, B, D, K-1]).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import EncoderConfig
+
+MASK_VALUE = 10000.0  # NeMo's INF_VAL: masked scores get -1e4, not -inf
+
+
+# ----------------------------------------------------------------------------------------------- subsampling
+class CausalConv2d(nn.Conv2d):
+    """Conv2d padded (k-1, s-1) on both axes, so no output looks at later frames (NeMo's CausalConv2D)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, padding=0, **kwargs)
+        self.left_pad, self.right_pad = self.kernel_size[0] - 1, self.stride[0] - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.left_pad, self.right_pad, self.left_pad, self.right_pad)))
+
+
+class DepthwiseStridingSubsampling(nn.Module):
+    """``dw_striding``: conv3x3/2 -> ReLU -> [dw conv3x3/2 -> pw conv1x1 -> ReLU] x (log2(factor) - 1) -> Linear.
+
+    Frames past each utterance's length are zeroed before every layer (NeMo's MaskedConvSequential), so a padded
+    batch gives the same result as each utterance alone. ``conv`` keeps NeMo's Sequential indices (0, 2, 3, 5, 6).
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        if cfg.subsampling != "dw_striding":
+            raise ValueError(f"subsampling {cfg.subsampling!r} is not supported (dw_striding only)")
+        n_stages = int(math.log2(cfg.subsampling_factor))
+        ch, self.causal = cfg.subsampling_conv_channels, cfg.causal_downsampling
+        if self.causal:
+            self.pad_left, self.pad_right = 2, 1
+            conv = lambda cin, cout, groups: CausalConv2d(cin, cout, 3, stride=2, groups=groups)  # noqa: E731
+        else:
+            self.pad_left = self.pad_right = 1
+            conv = lambda cin, cout, groups: nn.Conv2d(cin, cout, 3, stride=2, padding=1, groups=groups)  # noqa: E731
+        layers: list[nn.Module] = [conv(1, ch, 1), nn.ReLU()]
+        for _ in range(n_stages - 1):
+            layers += [conv(ch, ch, ch), nn.Conv2d(ch, ch, 1), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+        freq = cfg.feat_in
+        for _ in range(n_stages):
+            freq = self.out_length(freq)
+        self.out = nn.Linear(ch * freq, cfg.d_model)
+
+    def out_length(self, n):
+        """Length after one stride-2 stage: floor((n + pad_l + pad_r - 3) / 2) + 1."""
+        return (n + self.pad_left + self.pad_right - 3) // 2 + 1
+
+    def forward(self, feats_btf: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = feats_btf.unsqueeze(1)  # [B, 1, T, F]
+        lengths = lengths.to(torch.long)
+
+        def masked(x, lengths):
+            keep = torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None]
+            return x * keep[:, None, :, None].to(x.dtype)
+
+        x = masked(x, lengths)
+        for layer in self.conv:
+            x = layer(x)
+            if isinstance(layer, nn.Conv2d) and layer.stride[0] != 1:
+                lengths = self.out_length(lengths)
+            x = masked(x, lengths)
+        b, c, t, f = x.shape
+        return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lengths
+
+
+# ----------------------------------------------------------------------------------------------- layer parts
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(F.silu(self.linear1(x))))
+
+
+class RelPositionalEncoding(nn.Module):
+    """Transformer-XL sinusoids for relative positions (T-1 ... -(T-1)); no parameters."""
+
+    def __init__(self, d_model: int, max_len: int, xscale: float | None, dropout: float):
+        super().__init__()
+        self.d_model, self.xscale = d_model, xscale
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("pe", torch.zeros(1, 0, d_model), persistent=False)
+        self.extend(max_len)
+
+    def extend(self, length: int) -> None:
+        if self.pe.shape[1] >= 2 * length - 1:
+            return
+        positions = torch.arange(length - 1, -length, -1, dtype=torch.float32).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, self.d_model, 2, dtype=torch.float32) * -(math.log(10000.0) / self.d_model))
+        pe = torch.zeros(positions.shape[0], self.d_model)
+        pe[:, 0::2] = torch.sin(positions * div_term)
+        pe[:, 1::2] = torch.cos(positions * div_term)
+        self.pe = pe.unsqueeze(0).to(self.pe.device)
+
+    def forward(self, x: torch.Tensor, cache_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.xscale:
+            x = x * self.xscale
+        total = x.shape[1] + cache_len
+        self.extend(total)
+        center = self.pe.shape[1] // 2 + 1
+        pos_emb = self.pe[:, center - total : center + total - 1].to(x.dtype)  # [1, 2*total-1, D]
+        return self.dropout(x), pos_emb
+
+
+class RelPositionMultiHeadAttention(nn.Module):
+    """Transformer-XL attention: scores = (q+u)k^T + rel_shift((q+v)p^T), over sqrt(d_k)."""
+
+    def __init__(self, n_heads: int, d_model: int, bias: bool, dropout: float):
+        super().__init__()
+        self.h, self.d_k = n_heads, d_model // n_heads
+        self.linear_q = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_k = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_v = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_out = nn.Linear(d_model, d_model, bias=bias)
+        self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(self.h, self.d_k))
+        self.pos_bias_v = nn.Parameter(torch.zeros(self.h, self.d_k))
+        self.dropout_p = dropout
+
+    @staticmethod
+    def rel_shift(x: torch.Tensor) -> torch.Tensor:
+        """[B, H, Tq, P] scores by relative position -> scores by key position (first Tk columns are valid)."""
+        b, h, tq, p = x.shape
+        x = F.pad(x, (1, 0)).view(b, h, p + 1, tq)
+        return x[:, :, 1:].reshape(b, h, tq, p)
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor, pos_emb: torch.Tensor,
+                mask_btt: torch.Tensor | None) -> torch.Tensor:
+        b, tq, _ = query.shape
+        tk = key_value.shape[1]
+        q = self.linear_q(query).view(b, tq, self.h, self.d_k)
+        k = self.linear_k(key_value).view(b, tk, self.h, self.d_k).transpose(1, 2)
+        v = self.linear_v(key_value).view(b, tk, self.h, self.d_k).transpose(1, 2)
+        p = self.linear_pos(pos_emb).view(pos_emb.shape[0], -1, self.h, self.d_k).transpose(1, 2)
+        q_u = (q + self.pos_bias_u).transpose(1, 2)  # [B, H, Tq, d_k]
+        q_v = (q + self.pos_bias_v).transpose(1, 2)
+        bd = self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))[..., :tk] / math.sqrt(self.d_k)
+        if mask_btt is not None:
+            bd = bd.masked_fill(mask_btt[:, None], -MASK_VALUE)
+        out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bd,
+                                             dropout_p=self.dropout_p if self.training else 0.0)
+        if mask_btt is not None:  # queries that see nothing (padding) give zeros, as in NeMo
+            out = out.masked_fill(mask_btt.all(dim=-1)[:, None, :, None], 0.0)
+        return self.linear_out(out.transpose(1, 2).reshape(b, tq, self.h * self.d_k))
+
+
+class ConvModule(nn.Module):
+    """pw conv (D->2D) -> GLU -> depthwise conv (k) -> BatchNorm -> SiLU -> pw conv (D->D)."""
+
+    def __init__(self, d_model: int, kernel: int, context: list[int], bias: bool, norm: str):
+        super().__init__()
+        if norm != "batch_norm":
+            raise ValueError(f"conv_norm_type {norm!r} is not supported (batch_norm only)")
+        self.pad_left, self.pad_right = context
+        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, 1, bias=bias)
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel, groups=d_model, bias=bias)
+        self.batch_norm = nn.BatchNorm1d(d_model)
+        self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=bias)
+
+    def forward(self, x_btd: torch.Tensor, pad_mask_bt: torch.Tensor | None,
+                cache_bdk: torch.Tensor | None = None, cache_drop: int = 0):
+        x = F.glu(self.pointwise_conv1(x_btd.transpose(1, 2)), dim=1)  # [B, D, T]
+        if pad_mask_bt is not None:
+            x = x.masked_fill(pad_mask_bt[:, None, :], 0.0)
+        next_cache = None
+        if cache_bdk is None:
+            x = F.pad(x, (self.pad_left, self.pad_right))
+        else:
+            x = torch.cat([cache_bdk, F.pad(x, (0, self.pad_right))], dim=-1)
+            kept = x[:, :, : x.shape[-1] - cache_drop] if cache_drop > 0 else x
+            next_cache = kept[:, :, -cache_bdk.shape[-1]:]
+        x = self.pointwise_conv2(F.silu(self.batch_norm(self.depthwise_conv(x))))
+        return x.transpose(1, 2), next_cache
+
+
+class ConformerLayer(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d, bias = cfg.d_model, cfg.use_bias
+        self.norm_feed_forward1 = nn.LayerNorm(d)
+        self.feed_forward1 = FeedForward(d, d * cfg.ff_expansion_factor, bias, cfg.dropout)
+        self.norm_self_att = nn.LayerNorm(d)
+        self.self_attn = RelPositionMultiHeadAttention(cfg.n_heads, d, bias, cfg.dropout_att)
+        self.norm_conv = nn.LayerNorm(d)
+        self.conv = ConvModule(d, cfg.conv_kernel_size, cfg.conv_context, bias, cfg.conv_norm_type)
+        self.norm_feed_forward2 = nn.LayerNorm(d)
+        self.feed_forward2 = FeedForward(d, d * cfg.ff_expansion_factor, bias, cfg.dropout)
+        self.norm_out = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, att_mask, pos_emb, pad_mask, cache_channel=None, cache_time=None, cache_drop: int = 0):
+        x = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
+        q = self.norm_self_att(x)
+        next_channel = None
+        if cache_channel is None:
+            kv = q
+        else:  # keys/values see the cached inputs; the cache keeps the last C inputs not dropped
+            kv = torch.cat([cache_channel, q], dim=1)
+            keep = q.shape[1] - cache_drop
+            next_channel = torch.cat([cache_channel[:, keep:], q[:, :keep]], dim=1)
+        x = x + self.dropout(self.self_attn(q, kv, pos_emb, att_mask))
+        conv_out, next_time = self.conv(self.norm_conv(x), pad_mask, cache_time, cache_drop)
+        x = x + self.dropout(conv_out)
+        x = x + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(x)))
+        return self.norm_out(x), next_channel, next_time
+
+
+# ----------------------------------------------------------------------------------------------- masks
+def attention_masks(lengths: torch.Tensor, max_len: int, att_context: list[int], style: str,
+                    offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pad_mask [B, T], att_mask [B, T, T]); True marks what is masked out. Mirrors NeMo's ``_create_masks``."""
+    device = lengths.device
+    idx = torch.arange(max_len, device=device)
+    allowed = torch.ones(max_len, max_len, dtype=torch.bool, device=device)
+    left, right = att_context
+    if style == "regular" or right < 0:
+        if left >= 0:
+            allowed = allowed.triu(diagonal=-left)
+        if right >= 0 and style == "regular":
+            allowed = allowed.tril(diagonal=right)
+    elif style == "chunked_limited":
+        chunk = right + 1
+        left_chunks = left // chunk if left >= 0 else 10000
+        chunk_idx = torch.div(idx, chunk, rounding_mode="trunc")
+        diff = chunk_idx[:, None] - chunk_idx[None, :]
+        allowed = allowed & (diff <= left_chunks) & (diff >= 0)
+    else:
+        raise ValueError(f"att_context_style {style!r} is not supported")
+    valid = idx[None, :] < lengths[:, None]
+    if offset is not None:
+        valid = valid & (idx[None, :] >= offset[:, None])
+    att_allowed = valid[:, None, :] & valid[:, :, None] & allowed[None]
+    return ~valid, ~att_allowed
+
+
+@dataclass
+class StreamingCache:
+    """NeMo's cache-aware streaming state, layer-first: channel [L, B, C, D], time [L, B, D, K-1], channel_len [B]."""
+
+    last_channel: torch.Tensor
+    last_time: torch.Tensor
+    last_channel_len: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- encoder
+class ConformerEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        if cfg.self_attention_model != "rel_pos":
+            raise ValueError(f"self_attention_model {cfg.self_attention_model!r} is not supported (rel_pos only)")
+        if not cfg.untie_biases:
+            raise ValueError("untie_biases=false is not supported")
+        self.cfg = cfg
+        self.att_context_size = list(cfg.att_context_sizes[0])
+        self.pre_encode = DepthwiseStridingSubsampling(cfg)
+        xscale = math.sqrt(cfg.d_model) if cfg.xscaling else None
+        self.pos_enc = RelPositionalEncoding(cfg.d_model, cfg.pos_emb_max_len, xscale, cfg.dropout_pre_encoder)
+        self.layers = nn.ModuleList(ConformerLayer(cfg) for _ in range(cfg.n_layers))
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor,
+                att_context_size: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [B, F, T_mel], lengths [B] -> encoded [B, D, T], encoded_lengths [B]."""
+        x, lengths = self.pre_encode(features.transpose(1, 2), lengths)
+        x, pos_emb = self.pos_enc(x)
+        pad_mask, att_mask = attention_masks(lengths, x.shape[1], att_context_size or self.att_context_size,
+                                             self.cfg.att_context_style)
+        for layer in self.layers:
+            x, _, _ = layer(x, att_mask, pos_emb, pad_mask)
+        return x.transpose(1, 2), lengths
+
+    def stream_step(self, features: torch.Tensor, lengths: torch.Tensor, cache: StreamingCache, *,
+                    drop_extra_pre_encoded: int, cache_drop_size: int,
+                    att_context_size: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, StreamingCache]:
+        """One cache-aware step (NeMo's ``forward_internal`` with caches): features of one chunk, including the
+        pre-encode cache frames, -> encoded [B, D, T_valid], lengths, next cache."""
+        x, lengths = self.pre_encode(features.transpose(1, 2), lengths)
+        if drop_extra_pre_encoded > 0:
+            x = x[:, drop_extra_pre_encoded:]
+            lengths = (lengths - drop_extra_pre_encoded).clamp(min=0)
+        cache_len = cache.last_channel.shape[2]
+        t = x.shape[1]
+        x, pos_emb = self.pos_enc(x, cache_len=cache_len)
+        offset = cache_len - cache.last_channel_len
+        pad_mask, att_mask = attention_masks(lengths + cache_len, t + cache_len,
+                                             att_context_size or self.att_context_size, self.cfg.att_context_style,
+                                             offset=offset)
+        pad_mask, att_mask = pad_mask[:, cache_len:], att_mask[:, cache_len:]
+        next_channel, next_time = [], []
+        for i, layer in enumerate(self.layers):
+            x, ch, tm = layer(x, att_mask, pos_emb, pad_mask, cache.last_channel[i], cache.last_time[i],
+                              cache_drop_size)
+            next_channel.append(ch)
+            next_time.append(tm)
+        next_len = torch.clamp(cache.last_channel_len + (t - cache_drop_size), max=cache_len)
+        return x.transpose(1, 2), lengths, StreamingCache(torch.stack(next_channel), torch.stack(next_time), next_len)
