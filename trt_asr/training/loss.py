@@ -1,0 +1,144 @@
+"""Transducer losses in plain PyTorch: TDT (token-and-duration transducer) and RNNT, vectorised and differentiable.
+
+Both take the full joint lattice ``logits [B, T, U+1, V+1(+D)]`` (V tokens, blank = V), targets ``[B, U]`` and the
+valid lengths, and return the negative log-likelihood per utterance (or reduced).
+
+TDT follows NeMo's definition (``nemo.collections.asr.losses.rnnt_pytorch.TDTLossPytorch`` and the numba kernels):
+
+* token/blank log-probs = log_softmax over the V+1 token logits, minus ``sigma`` (logit under-normalisation);
+  duration log-probs = log_softmax over the D duration logits, independently;
+* from lattice node (t, u) a label y_{u+1} with duration d goes to (t+d, u+1) (d = 0 allowed), a blank with
+  duration d > 0 goes to (t+d, u) (blank with duration 0 is not allowed);
+* alpha(t, u) is defined for t < T only, so every path ends with a blank that lands exactly on t = T at u = U;
+* ``omega`` > 0 mixes in the plain RNNT loss of the token logits: (1 - omega) * TDT + omega * RNNT (NeMo's
+  ``omega``; 0 by default).
+
+RNNT: label at (t, u) -> (t, u+1), blank -> (t+1, u); ends with the blank from (T-1, U).
+
+Implementation: one step per frame t. Arcs from earlier frames (duration >= 1) give a per-u "entry" term c(t, u);
+arcs inside frame t (labels of duration 0) form a chain along u, solved in closed form with a log-cumsum-exp:
+alpha(t, u) = S(u) + logcumsumexp_k(c(t, k) - S(k)), S(u) = sum_{j<u} w(t, j), w = label + duration-0 log-prob.
+So the Python loop runs T times (not T * U), and everything else is batched over B and U.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG = -1.0e30  # "log 0" kept finite so that gradients stay finite
+
+
+def _gather_logprobs(token_logits: torch.Tensor, targets: torch.Tensor, blank: int, sigma: float = 0.0):
+    """token_logits [B, T, U+1, V+1] -> (blank_lp [B, T, U+1], label_lp [B, T, U+1]) in float32.
+    label_lp[..., u] is the log-prob of target u (the (u+1)-th label); its last column is unused (NEG)."""
+    x = token_logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    blank_lp = x[..., blank] - lse - sigma
+    b, t, u1, _ = x.shape
+    if u1 > 1:
+        idx = targets[:, None, :, None].expand(b, t, u1 - 1, 1).long()
+        label_lp = torch.gather(x[:, :, : u1 - 1, :], 3, idx)[..., 0] - lse[:, :, : u1 - 1] - sigma
+        label_lp = torch.cat([label_lp, torch.full_like(label_lp[..., :1], NEG)], dim=-1)
+    else:
+        label_lp = torch.full_like(blank_lp, NEG)
+    return blank_lp, label_lp
+
+
+def _shift_u(x: torch.Tensor) -> torch.Tensor:
+    """[B, U+1] -> value at u-1 (NEG at u = 0)."""
+    return torch.cat([torch.full_like(x[:, :1], NEG), x[:, :-1]], dim=1)
+
+
+def _forward(blank_arcs, label_arcs, T: int, B: int, U1: int, device) -> list[torch.Tensor]:
+    """Forward variables alpha[t] [B, U+1] for t = 0..T-1.
+
+    blank_arcs: list of (d >= 1, lp [B, T, U+1]) for blanks of duration d; label_arcs: list of (d >= 0, lp) for
+    labels of duration d (lp[..., u] = log-prob of emitting target u at node u)."""
+    alphas: list[torch.Tensor] = []
+    within = [lp for d, lp in label_arcs if d == 0]
+    w_all = within[0] if within else None
+    for extra in within[1:]:
+        w_all = torch.logaddexp(w_all, extra)
+    init = torch.full((B, U1), NEG, device=device)
+    init[:, 0] = 0.0
+    for t in range(T):
+        terms = [init] if t == 0 else []
+        for d, lp in blank_arcs:
+            if t - d >= 0:
+                terms.append(alphas[t - d] + lp[:, t - d])
+        for d, lp in label_arcs:
+            if d >= 1 and t - d >= 0:
+                terms.append(_shift_u(alphas[t - d] + lp[:, t - d]))
+        if not terms:  # no arc reaches frame t (e.g. durations [0, 2, 3] at t = 1)
+            terms = [torch.full((B, U1), NEG, device=device)]
+        c = torch.logsumexp(torch.stack(terms), dim=0) if len(terms) > 1 else terms[0]
+        if w_all is not None and U1 > 1:
+            w = w_all[:, t, : U1 - 1]
+            s = torch.cat([torch.zeros_like(c[:, :1]), torch.cumsum(w, dim=1)], dim=1)  # S(u)
+            alpha = s + torch.logcumsumexp(c - s, dim=1)
+            alpha = torch.maximum(alpha, torch.full_like(alpha, NEG))  # keep "log 0" from drifting
+        else:
+            alpha = c
+        alphas.append(alpha)
+    return alphas
+
+
+def _reduce(nll: torch.Tensor, target_lengths: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "mean":  # NeMo's "mean": per-utterance loss / target length, averaged
+        return (nll / target_lengths.clamp(min=1).to(nll.dtype)).mean()
+    if reduction == "mean_batch":
+        return nll.mean()
+    if reduction == "mean_volume":
+        return nll.sum() / target_lengths.sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def _final(alphas, ends, logit_lengths, target_lengths):
+    """log P = logsumexp over final blank arcs (d, lp): alpha[T_b - d][b, U_b] + lp[b, T_b - d, U_b]."""
+    stack = torch.stack(alphas, dim=1)  # [B, T, U+1]
+    b_idx = torch.arange(stack.shape[0], device=stack.device)
+    terms = []
+    for d, lp in ends:
+        t_idx = logit_lengths.long() - d
+        ok = t_idx >= 0
+        t_c = t_idx.clamp(min=0)
+        v = stack[b_idx, t_c, target_lengths.long()] + lp[b_idx, t_c, target_lengths.long()]
+        terms.append(torch.where(ok, v, torch.full_like(v, NEG)))
+    return torch.logsumexp(torch.stack(terms), dim=0)
+
+
+def rnnt_loss(logits: torch.Tensor, targets: torch.Tensor, logit_lengths: torch.Tensor,
+              target_lengths: torch.Tensor, blank: int, reduction: str = "mean_batch") -> torch.Tensor:
+    """RNNT negative log-likelihood. logits [B, T, U+1, V+1] (raw), targets [B, U] (padding any valid id)."""
+    B, T, U1, _ = logits.shape
+    blank_lp, label_lp = _gather_logprobs(logits, targets, blank)
+    alphas = _forward([(1, blank_lp)], [(0, label_lp)], T, B, U1, logits.device)
+    nll = -_final(alphas, [(1, blank_lp)], logit_lengths, target_lengths)
+    return _reduce(nll, target_lengths, reduction)
+
+
+def tdt_loss(logits: torch.Tensor, targets: torch.Tensor, logit_lengths: torch.Tensor,
+             target_lengths: torch.Tensor, blank: int, durations: list[int], sigma: float = 0.0,
+             omega: float = 0.0, reduction: str = "mean_batch") -> torch.Tensor:
+    """TDT negative log-likelihood (NeMo's definition). logits [B, T, U+1, V+1+len(durations)] (raw joint output,
+    token logits first, then the duration logits), targets [B, U], blank = V."""
+    D = len(durations)
+    if D == 0 or logits.shape[-1] != blank + 1 + D:
+        raise ValueError(f"logits have {logits.shape[-1]} outputs; expected blank + 1 + {D} durations")
+    B, T, U1, _ = logits.shape
+    token_logits, dur_logits = logits[..., : blank + 1], logits[..., blank + 1:]
+    blank_lp, label_lp = _gather_logprobs(token_logits, targets, blank, sigma)
+    dur_lp = torch.log_softmax(dur_logits.float(), dim=-1)
+    blank_arcs = [(d, blank_lp + dur_lp[..., n]) for n, d in enumerate(durations) if d > 0]
+    label_arcs = [(d, label_lp + dur_lp[..., n]) for n, d in enumerate(durations)]
+    alphas = _forward(blank_arcs, label_arcs, T, B, U1, logits.device)
+    nll = -_final(alphas, blank_arcs, logit_lengths, target_lengths)
+    out = _reduce(nll, target_lengths, reduction)
+    if omega > 0:
+        out = (1 - omega) * out + omega * rnnt_loss(token_logits, targets, logit_lengths, target_lengths, blank,
+                                                    reduction)
+    return out
