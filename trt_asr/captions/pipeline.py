@@ -1,0 +1,244 @@
+"""The live-caption pipeline: capture -> DSP -> streaming recognizer -> transcript state -> events.
+
+Capture calls ``push`` (never blocks: chunks go on a queue with their wall-clock arrival time). A worker thread
+drains the queue, runs the DSP chain on everything that arrived, feeds the recognizer (so a slow model processes
+larger batches instead of building a backlog of small steps), updates the transcript state, and calls ``emit`` with
+each event (from the worker thread; sinks that need another thread or an event loop hand over themselves).
+
+Latency accounting: for each event, ``audio_end`` (the last sample that produced it) is mapped back to the wall-clock
+time that sample arrived; partial latency = emission - arrival(audio_end); final latency = emission - arrival(end of
+the segment's last word).
+"""
+
+from __future__ import annotations
+
+import bisect
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import events as ev
+from .dsp import DSPChain, DSPConfig, DSPError, PCMDecoder
+from .recognizer import StreamingRecognizer
+from .transcript import CommitPolicy, Hypothesis, TranscriptState
+
+_CLOSE = object()
+
+
+@dataclass
+class PipelineOptions:
+    policy: CommitPolicy = field(default_factory=CommitPolicy)
+    dsp: DSPConfig = field(default_factory=DSPConfig)
+    decoder_endpoint_ms: float | None = 800.0  # no new tokens for this long -> endpoint; None: off
+    encoding: str | None = None  # "pcm_s16le" | "f32le" when push() gets bytes
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+@dataclass
+class Stats:
+    partial_latency_ms: list[float] = field(default_factory=list)
+    final_latency_ms: list[float] = field(default_factory=list)
+    partials: int = 0
+    finals: int = 0
+    committed_changes: int = 0  # must stay 0: committed text never changes
+    revision_rate: float = 0.0
+    audio_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    def summary(self) -> dict:
+        def pq(v):
+            return {"p50": _round(percentile(v, 50)), "p95": _round(percentile(v, 95)), "n": len(v)}
+
+        return {"partial_latency_ms": pq(self.partial_latency_ms), "final_latency_ms": pq(self.final_latency_ms),
+                "partials": self.partials, "finals": self.finals, "revision_rate": round(self.revision_rate, 4),
+                "committed_changes": self.committed_changes, "audio_seconds": round(self.audio_seconds, 3),
+                "rtf": round(self.compute_seconds / self.audio_seconds, 4) if self.audio_seconds else None}
+
+
+def _round(x):
+    return None if x is None else round(x, 1)
+
+
+class CaptionPipeline:
+    def __init__(self, recognizer: StreamingRecognizer, emit: Callable[[dict], None],
+                 options: PipelineOptions | None = None, decode: Callable[[list[int]], str] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.recognizer = recognizer
+        self.opts = options or PipelineOptions()
+        self._emit_cb = emit
+        self.clock = clock
+        self.dsp = DSPChain(self.opts.dsp)
+        self.pcm = PCMDecoder(self.opts.encoding, self.opts.dsp.channels) if self.opts.encoding else None
+        self.state = TranscriptState(decode, self.opts.policy)
+        self.stats = Stats()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._arrival_t: list[float] = []  # audio seconds (input) at the end of each pushed chunk
+        self._arrival_wall: list[float] = []
+        self._pushed_samples = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._seq = 0
+        self._pending_endpoints: list = []
+        self._closed = False
+        self.done = threading.Event()
+        self._last_partial_nonempty = False
+
+    # ------------------------------------------------------------------ capture side (any thread)
+    def push(self, data: np.ndarray | bytes) -> None:
+        """Queue captured audio: float/int array [n] or [n, channels] at the input rate, or raw bytes (``encoding``)."""
+        if self._closed:
+            raise RuntimeError("pipeline closed")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            if self.pcm is None:
+                raise DSPError("bytes pushed but no encoding configured")
+            data = self.pcm.decode(bytes(data))
+        else:
+            data = np.asarray(data)
+            if data.dtype.kind in "iu":
+                data = data.astype(np.float32) / float(np.iinfo(data.dtype).max + 1)
+        now = self.clock()
+        with self._lock:
+            self._pushed_samples += data.shape[0]
+            self._arrival_t.append(self._pushed_samples / self.opts.dsp.sample_rate)
+            self._arrival_wall.append(now)
+        self._q.put(data)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._q.put(_CLOSE)
+
+    def start(self) -> "CaptionPipeline":
+        self._thread = threading.Thread(target=self._run, name="caption-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    # ------------------------------------------------------------------ worker
+    def _arrival(self, audio_time: float) -> float | None:
+        with self._lock:
+            i = bisect.bisect_left(self._arrival_t, audio_time - 1e-9)
+            if not self._arrival_wall:
+                return None
+            return self._arrival_wall[min(i, len(self._arrival_wall) - 1)]
+
+    def _emit(self, event: dict) -> None:
+        event["seq"] = self._seq
+        self._seq += 1
+        try:
+            self._emit_cb(event)
+        except Exception:  # a failing sink must not kill recognition
+            traceback.print_exc()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                items = [self._q.get()]
+                while True:
+                    try:
+                        items.append(self._q.get_nowait())
+                    except queue.Empty:
+                        break
+                last = any(x is _CLOSE for x in items)
+                chunks = [x for x in items if x is not _CLOSE]
+                audio = np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+                if audio.size or last:
+                    y, vad_events = self.dsp.process(audio, last=last)
+                    self._pending_endpoints += [e for e in vad_events if e.kind == "endpoint"]
+                    t0 = time.perf_counter()
+                    hyp = self.recognizer.feed(y)
+                    self.stats.compute_seconds += time.perf_counter() - t0
+                    if hyp is not None:
+                        self._handle(hyp)
+                if last:
+                    t0 = time.perf_counter()
+                    hyp = self.recognizer.finish()
+                    self.stats.compute_seconds += time.perf_counter() - t0
+                    hyp.is_last = True
+                    self._handle(hyp)
+                    self.stats.audio_seconds = self.dsp.samples_out / self.opts.dsp.target_rate
+                    self.stats.revision_rate = self.state.revision_rate
+                    self._emit(ev.end_event(self.stats.audio_seconds, len(self.state.segments), self.stats.summary()))
+                    return
+        except Exception as e:  # report, then end the stream
+            traceback.print_exc()
+            self._emit(ev.error_event("internal", f"{type(e).__name__}: {e}"))
+            self._emit(ev.end_event(self.dsp.samples_out / self.opts.dsp.target_rate, len(self.state.segments),
+                                    self.stats.summary()))
+        finally:
+            self.done.set()
+
+    def _handle(self, hyp: Hypothesis) -> None:
+        st = self.state
+        endpoint = False
+        while self._pending_endpoints and hyp.audio_end >= self._pending_endpoints[0].detected_at:
+            self._pending_endpoints.pop(0)
+            endpoint = True
+        if self.opts.decoder_endpoint_ms is not None and (st.tail or st.open_segment):
+            last_tok = (st.tail or st.open_segment)[-1]
+            newest = hyp.tokens[-1].end if hyp.tokens else last_tok.end
+            if (hyp.audio_end - max(last_tok.end, newest)) * 1000 >= self.opts.decoder_endpoint_ms:
+                endpoint = True
+        n_committed = len(st.committed)
+        last_committed = st.committed[-1] if st.committed else None
+        upd = st.update(hyp, endpoint=endpoint)
+        if len(st.committed) < n_committed or (last_committed is not None and
+                                               st.committed[n_committed - 1] is not last_committed):
+            self.stats.committed_changes += 1
+        now = self.clock()
+        for seg in upd.finals:
+            arr = self._arrival(min(seg.end, upd.audio_end))
+            lat = None if arr is None else (now - arr) * 1000
+            if lat is not None:
+                self.stats.final_latency_ms.append(lat)
+            self.stats.finals += 1
+            self._emit(ev.final_event(seg, upd.audio_end, lat))
+        nonempty = bool(st.tail or st.open_segment)
+        if upd.changed and (nonempty or self._last_partial_nonempty) and not hyp.is_last:
+            arr = self._arrival(upd.audio_end)
+            lat = None if arr is None else (now - arr) * 1000
+            if lat is not None and nonempty:
+                self.stats.partial_latency_ms.append(lat)
+            self.stats.partials += 1
+            self._emit(ev.partial_event(st, upd, lat))
+            self._last_partial_nonempty = nonempty
+
+
+def run_pipeline_sync(recognizer: StreamingRecognizer, chunks, options: PipelineOptions | None = None,
+                      decode=None, emit: Callable[[dict], None] | None = None, pace: float | None = None) -> list[dict]:
+    """Push an iterable of chunks (as fast as possible, or paced: ``pace`` = real-time factor, 1.0 = real time),
+    wait for the end event and return all events."""
+    out: list[dict] = []
+
+    def sink(e):
+        out.append(e)
+        if emit:
+            emit(e)
+
+    p = CaptionPipeline(recognizer, sink, options, decode).start()
+    rate = (options or PipelineOptions()).dsp.sample_rate
+    t0 = time.monotonic()
+    sent = 0
+    for c in chunks:
+        if pace:
+            sent_s = sent / rate
+            delay = t0 + sent_s / pace - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        p.push(c)
+        sent += len(c) if not isinstance(c, (bytes, bytearray)) else len(c) // max(1, p.pcm.frame_bytes)
+    p.close()
+    p.join()
+    return out

@@ -1,0 +1,277 @@
+"""Transcript state for live captions: a *committed prefix* that never changes plus a *revisable suffix*.
+
+Every recognizer update brings a hypothesis for the whole stream (tokens with absolute times, and how many leading
+tokens the engine itself guarantees final). ``TranscriptState.update``
+
+1. splices the hypothesis onto the committed prefix (tokens already committed are never taken back: if the engine's
+   hypothesis disagrees with them, only its tokens that start after the committed end are used),
+2. compares the new revisable tail with the previous one (token-level longest common prefix) and reports only the
+   changed suffix (``Revision``),
+3. commits a prefix of the tail under the commit policy: tokens the engine marks final; tokens ending more than
+   ``commit_age_ms`` behind the live edge; tokens unchanged for ``commit_after_updates`` updates; everything at an
+   endpoint. Commits stop at word boundaries (a word is never split between committed and tentative text) unless
+   the whole tail is committed.
+4. closes a *segment* (a caption ``final``) at an endpoint or when it grows past ``max_segment_s`` /
+   ``max_segment_chars`` (split at a committed word boundary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..tokenizer import WORD_START
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    start: float  # seconds, absolute stream time
+    end: float
+    word_start: bool = True  # begins a new word (SentencePiece "▁")
+    piece: str = ""
+
+    def same(self, other: "Token") -> bool:
+        return self.id == other.id
+
+
+@dataclass
+class Hypothesis:
+    """The recognizer's current best guess for the whole stream (or for everything after ``offset`` tokens)."""
+
+    tokens: list[Token]
+    final_count: int = 0  # leading tokens the engine guarantees will not change
+    audio_end: float = 0.0  # live edge: seconds of audio that produced this hypothesis
+    is_last: bool = False  # the stream has ended; everything is final
+
+
+@dataclass
+class Word:
+    text: str
+    start: float
+    end: float
+    stable: bool = True
+
+    def as_dict(self) -> dict:
+        return {"word": self.text, "start": round(self.start, 3), "end": round(self.end, 3)}
+
+
+@dataclass
+class Revision:
+    keep: int  # tokens of the previous tail that are unchanged
+    removed: int  # tokens of the previous tail that were replaced
+    added: list[Token]  # the new suffix
+
+
+@dataclass
+class Segment:
+    id: int
+    tokens: list[Token]
+    text: str
+    start: float
+    end: float
+    words: list[Word]
+    reason: str  # "endpoint", "max_length", "end"
+
+
+@dataclass
+class Update:
+    """What one call to ``TranscriptState.update`` changed."""
+
+    revision: Revision
+    newly_committed: list[Token]
+    finals: list[Segment]
+    changed: bool  # anything visible changed (tail or commits)
+    audio_end: float
+
+
+def lcp(a: Sequence[Token], b: Sequence[Token]) -> int:
+    """Length of the token-level longest common prefix (by token id)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i].id == b[i].id:
+        i += 1
+    return i
+
+
+@dataclass
+class CommitPolicy:
+    commit_age_ms: float | None = 1500.0  # commit tokens ending this far behind the live edge; None: never
+    commit_after_updates: int | None = 4  # commit tokens unchanged for this many updates; None: never
+    commit_on_endpoint: bool = True
+    max_segment_s: float = 8.0  # close a caption segment after this much audio ...
+    max_segment_chars: int = 160  # ... or this many characters (at a committed word boundary)
+
+    @classmethod
+    def strict(cls) -> "CommitPolicy":
+        """Commit only what the engine guarantees final (and everything at the end): committed text is then exactly
+        the engine's final transcript."""
+        return cls(commit_age_ms=None, commit_after_updates=None, commit_on_endpoint=False)
+
+
+def default_decode(ids: list[int], tokens: Sequence[Token] = ()) -> str:
+    text = "".join(t.piece for t in tokens).replace(WORD_START, " ")
+    return " ".join(text.split())
+
+
+class TranscriptState:
+    def __init__(self, decode: Callable[[list[int]], str] | None = None, policy: CommitPolicy | None = None):
+        self._decode = decode
+        self.policy = policy or CommitPolicy()
+        self.committed: list[Token] = []  # everything committed, all segments
+        self.segment_start_index = 0  # index into committed where the open segment begins
+        self.tail: list[Token] = []  # revisable suffix
+        self._stable_updates: list[int] = []  # per tail token: consecutive updates it survived unchanged
+        self.segments: list[Segment] = []
+        self.updates = 0
+        self.revised_tokens = 0  # tail tokens taken back (revision-rate numerator)
+        self.emitted_tail_tokens = 0  # tail tokens ever shown (denominator)
+        self.audio_end = 0.0
+        self.ended = False
+
+    # ------------------------------------------------------------------ text helpers
+    def decode(self, tokens: Sequence[Token]) -> str:
+        if not tokens:
+            return ""
+        if self._decode is not None:
+            return " ".join(self._decode([t.id for t in tokens]).split())
+        return default_decode([t.id for t in tokens], tokens)
+
+    def words(self, tokens: Sequence[Token], stable: bool = True) -> list[Word]:
+        groups: list[list[Token]] = []
+        for t in tokens:
+            if not groups or (t.word_start and groups[-1]):
+                groups.append([t])
+            else:
+                groups[-1].append(t)
+        out = []
+        for g in groups:
+            text = self.decode(g)
+            if text:
+                out.append(Word(text, g[0].start, max(g[-1].end, g[0].start), stable))
+        return out
+
+    @property
+    def open_segment(self) -> list[Token]:
+        return self.committed[self.segment_start_index:]
+
+    @property
+    def stable_text(self) -> str:
+        return self.decode(self.open_segment)
+
+    @property
+    def unstable_text(self) -> str:
+        return self.decode(self.tail)
+
+    @property
+    def committed_text(self) -> str:
+        return self.decode(self.committed)
+
+    @property
+    def revision_rate(self) -> float:
+        return self.revised_tokens / self.emitted_tail_tokens if self.emitted_tail_tokens else 0.0
+
+    # ------------------------------------------------------------------ splice
+    def _splice(self, hyp: Hypothesis) -> tuple[list[Token], int]:
+        """The part of the hypothesis after the committed prefix, and how many of those tokens are engine-final."""
+        tokens = list(hyp.tokens)
+        n = len(self.committed)
+        if lcp(tokens, self.committed) >= n:
+            rest = tokens[n:]
+            final = max(0, hyp.final_count - n)
+        else:  # the engine revised committed text (e.g. a time-based commit): keep ours, take its later tokens
+            edge = self.committed[-1].end if self.committed else 0.0
+            first = next((i for i, t in enumerate(tokens) if t.start >= edge - 1e-6), len(tokens))
+            rest = tokens[first:]
+            final = max(0, hyp.final_count - first)
+        if hyp.is_last:
+            final = len(rest)
+        return rest, min(final, len(rest))
+
+    # ------------------------------------------------------------------ update
+    def update(self, hyp: Hypothesis, endpoint: bool = False) -> Update:
+        if self.ended:
+            raise RuntimeError("transcript already ended")
+        self.updates += 1
+        self.audio_end = max(self.audio_end, hyp.audio_end)
+        new_tail, engine_final = self._splice(hyp)
+        keep = lcp(self.tail, new_tail)
+        removed = len(self.tail) - keep
+        self.revised_tokens += removed
+        self.emitted_tail_tokens += len(new_tail) - keep
+        revision = Revision(keep, removed, new_tail[keep:])
+        stable = [c + 1 for c in self._stable_updates[:keep]] + [0] * (len(new_tail) - keep)
+        self.tail, self._stable_updates = new_tail, stable
+
+        # ---- commit a prefix of the tail
+        p = self.policy
+        everything = hyp.is_last or (endpoint and p.commit_on_endpoint)
+        n_commit = len(self.tail) if everything else engine_final
+        if not everything:
+            i = n_commit
+            while i < len(self.tail):
+                t = self.tail[i]
+                old = p.commit_age_ms is not None and (self.audio_end - t.end) * 1000.0 >= p.commit_age_ms
+                settled = p.commit_after_updates is not None and self._stable_updates[i] >= p.commit_after_updates
+                if not (old or settled):
+                    break
+                i += 1
+            # stop at a word boundary: the token after the committed prefix must start a word (or not exist)
+            while i > 0 and i < len(self.tail) and not self.tail[i].word_start:
+                i -= 1
+            n_commit = i
+        newly = self.tail[:n_commit]
+        if newly:
+            self.committed.extend(newly)
+            self.tail = self.tail[n_commit:]
+            self._stable_updates = self._stable_updates[n_commit:]
+        finals = []
+        if hyp.is_last:
+            finals += self._close_segments(force=True, reason="end")
+            self.ended = True
+        elif endpoint and (p.commit_on_endpoint or not self.tail):
+            finals += self._close_segments(force=True, reason="endpoint")
+        else:
+            finals += self._close_segments(force=False, reason="max_length")
+        changed = bool(revision.added or revision.removed or newly or finals)
+        return Update(revision, newly, finals, changed, self.audio_end)
+
+    def _close_segments(self, force: bool, reason: str) -> list[Segment]:
+        out = []
+        while True:
+            seg = self.open_segment
+            if not seg:
+                return out
+            if force:
+                cut = len(seg)
+            else:
+                p = self.policy
+                too_long = (seg[-1].end - seg[0].start > p.max_segment_s) or len(self.decode(seg)) > p.max_segment_chars
+                if not too_long:
+                    return out
+                # the longest prefix within the limits that ends on a word boundary (at least one word)
+                cut = 0
+                for i in range(1, len(seg) + 1):
+                    nxt_ok = i == len(seg) and (not self.tail or self.tail[0].word_start) or \
+                        (i < len(seg) and seg[i].word_start)
+                    if not nxt_ok:
+                        continue
+                    within = seg[i - 1].end - seg[0].start <= p.max_segment_s and \
+                        len(self.decode(seg[:i])) <= p.max_segment_chars
+                    if within or cut == 0:
+                        cut = i
+                    if not within:
+                        break
+                if cut == 0:
+                    return out
+            toks = seg[:cut]
+            text = self.decode(toks)
+            self.segment_start_index += cut
+            if not text:
+                continue
+            s = Segment(len(self.segments), toks, text, toks[0].start, max(toks[-1].end, toks[0].start),
+                        self.words(toks), reason)
+            self.segments.append(s)
+            out.append(s)
+            if force:
+                return out
