@@ -1,0 +1,70 @@
+"""The fp32 eager PyTorch engine: the reference implementation of the encoder I/O contract.
+
+    TorchEncoderEngine(model, mode="stream", params=CacheAwareParams)   cache-aware step (``stream_step``)
+    TorchEncoderEngine(model, mode="window")                             offline / buffered window
+
+Caches are batch-first at this boundary ([B, L, C, D], [B, L, D, K]); the encoder module is layer-first, so the
+engine transposes on the way in and out. With ``check=True`` (default) every step checks the contract's runtime
+invariants (``trt_asr.streaming.contract``) and raises ``ContractViolation`` naming invariant, chunk and stream.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.encoder import StreamingCache
+from ..streaming.cache_aware import CacheAwareParams
+from ..streaming.contract import ContractChecker
+
+
+class TorchEncoderEngine:
+    name = "torch"
+
+    def __init__(self, model, mode: str = "stream", params: CacheAwareParams | None = None, *, check: bool = True,
+                 allow_inexact: bool = False):
+        if mode not in ("stream", "window"):
+            raise ValueError(f"mode must be 'stream' or 'window', not {mode!r}")
+        self.encoder = model.encoder if hasattr(model, "encoder") else model
+        self.mode = mode
+        self.device = next(self.encoder.parameters()).device
+        dtype = next(self.encoder.parameters()).dtype
+        self.precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+        if mode == "stream" and params is None:
+            params = CacheAwareParams.for_encoder(self.encoder.cfg, allow_inexact=allow_inexact)
+        self.params = params
+        self.checker = ContractChecker(self.encoder.cfg, mode, params) if check else None
+        self.steps = 0  # only to name the chunk in contract violations; no model state is kept
+
+    @torch.no_grad()
+    def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.checker is not None:
+            self.checker.check_inputs(inputs, chunk=self.steps)
+        outputs = self._stream(inputs) if self.mode == "stream" else self._window(inputs)
+        if self.checker is not None:
+            self.checker.check_outputs(inputs, outputs, chunk=self.steps)
+        self.steps += 1
+        return outputs
+
+    def _window(self, inputs):
+        enc, enc_len = self.encoder(inputs["audio_signal"], inputs["length"])
+        return {"encoder_output": enc, "encoded_lengths": enc_len}
+
+    def _stream(self, inputs):
+        p = self.params
+        audio = inputs["audio_signal"]
+        first = p.is_first_chunk(audio.shape[-1])
+        cache = StreamingCache(inputs["cache_last_channel"].transpose(0, 1),
+                               inputs["cache_last_time"].transpose(0, 1),
+                               inputs["cache_last_channel_len"].to(torch.long))
+        enc, enc_len, nxt = self.encoder.stream_step(
+            audio, inputs["length"], cache, drop_extra_pre_encoded=p.drop_extra(first),
+            cache_drop_size=p.cache_drop_size, att_context_size=list(p.att_context_size))
+        if p.att_context_style == "regular" and p.valid_out_len > 0:  # NeMo's streaming_post_process
+            enc, enc_len = enc[:, :, : p.valid_out_len], enc_len.clamp(max=p.valid_out_len)
+        return {
+            "encoder_output": enc,
+            "encoded_lengths": enc_len.to(torch.long),
+            "cache_last_channel_next": nxt.last_channel.transpose(0, 1).contiguous(),
+            "cache_last_time_next": nxt.last_time.transpose(0, 1).contiguous(),
+            "cache_last_channel_next_len": nxt.last_channel_len.to(torch.long),
+        }
