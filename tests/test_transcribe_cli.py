@@ -111,3 +111,15 @@ def test_cli_usage_errors(audio_files):
     assert r.returncode == 2 and "unknown preset" in r.stderr
     r = cli("transcribe", "--model", "random:tiny", "--dtype", "fp64", str(audio_files / "mono16k.wav"))
     assert r.returncode == 2
+
+
+def test_long_audio_windows_equal_offline_when_context_covers_file(tiny):
+    """Audio over max_window_seconds goes through buffered windows; with left/right context covering the whole
+    file every window sees all of it, so the tokens must equal the single full-attention pass."""
+    (audio,) = clips(1, seed=2, lo=12, hi=12.5)
+    offline = Transcriber(tiny).transcribe_arrays([audio])[0]
+    windowed = Transcriber(tiny, max_window_seconds=3.0,
+                           long_audio=dict(left_secs=20, chunk_secs=2, right_secs=20)).transcribe_arrays([audio])[0]
+    key = lambda tr: [(t.id, t.frame, t.duration) for t in tr.tokens]  # noqa: E731
+    assert len(offline.tokens) > 40 and key(windowed) == key(offline)
+    assert windowed.duration == pytest.approx(len(audio) / 16000)
