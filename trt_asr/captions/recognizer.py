@@ -3,8 +3,8 @@
 ``StreamingRecognizer`` is deliberately small: accept 16 kHz mono float32 audio of any size, return the current
 hypothesis for the whole stream (tokens with absolute times, how many are final), and finish. The adapters:
 
-* ``SessionRecognizer`` wraps a ``trt_asr.streaming`` stream session (buffered or cache-aware mode) when that
-  package provides one;
+* ``SessionRecognizer`` wraps a ``trt_asr.streaming`` stream session (buffered or cache-aware mode); several share
+  one ``SharedRecognizer`` (one lock, batched steps);
 * ``RedecodeRecognizer`` is the dependency-free fallback: it re-decodes all audio so far (full attention) every
   ``step_s`` seconds. Its final hypothesis is exactly the offline transcript; partials cost O(n^2), so it is meant
   for short clips, tests and models without a streaming mode.
@@ -109,26 +109,76 @@ class RedecodeRecognizer:
         return self._decode(True)
 
 
-class SessionRecognizer:
-    """Adapter for a ``trt_asr.streaming`` session object (see ``open_session``)."""
+class SharedRecognizer:
+    """A ``trt_asr.streaming.Recognizer`` shared by many caption pipelines (threads): one lock around every call,
+    and each call steps *all* ready sessions in one batch (other sessions' events wait in their queues)."""
 
-    def __init__(self, session, model, mode: str):
-        self.session = session
+    def __init__(self, model, mode: str = "buffered", **params):
+        from ..streaming import Recognizer
+
         self.model = model
-        self.mode = mode
-        self.sample_rate = model.cfg.sample_rate
+        self.mode_name = mode
+        self.params = params
+        self.recognizer = Recognizer(model, mode, **params)
+        self.lock = threading.Lock()
+
+    def open(self) -> "SessionRecognizer":
+        with self.lock:
+            return SessionRecognizer(self, self.recognizer.open())
+
+
+class SessionRecognizer:
+    """``StreamingRecognizer`` over a ``trt_asr.streaming`` session: committed tokens are engine-final (buffered: the
+    chunk; cache-aware: everything emitted), the tentative tail (buffered: the right context) is revisable."""
+
+    def __init__(self, shared: SharedRecognizer, session):
+        self.shared = shared
+        self.session = session
+        self.model = shared.model
+        self.mode = shared.mode_name
+        self.sample_rate = shared.recognizer.mode.sample_rate
+        self._fs = shared.recognizer.mode.frame_seconds
+        self._received = 0
+
+    def _token(self, t) -> Token:
+        tok = self.model.tokenizer
+        span = max(int(t.duration), 1)
+        return Token(int(t.id), t.frame * self._fs, (t.frame + span) * self._fs,
+                     tok.starts_word(int(t.id)) if tok else True, tok.piece(int(t.id)) if tok else f"<{t.id}>")
+
+    def _hyp(self, events, last: bool) -> Hypothesis | None:
+        if not events and not last:
+            return None
+        s = self.session
+        committed = [self._token(t) for t in s.tokens]
+        tentative = [] if last else [self._token(t) for t in s.tentative]
+        edge = getattr(s.state, "left_sample", None)
+        edge = self._received if edge is None or last else min(int(edge), self._received)
+        return Hypothesis(committed + tentative, len(committed), edge / self.sample_rate, last)
 
     def feed(self, audio: np.ndarray) -> Hypothesis | None:
-        from .session_adapter import hypothesis_from_session
-
-        out = self.session.feed(audio)
-        return hypothesis_from_session(self.session, out, self.model, last=False)
+        self._received += int(audio.size)
+        with self.shared.lock:
+            events = self.session.feed(np.asarray(audio, np.float32)) if audio.size else \
+                (self.shared.recognizer.run() or self.session.poll())
+        return self._hyp(events, False)
 
     def finish(self) -> Hypothesis:
-        from .session_adapter import hypothesis_from_session
+        with self.shared.lock:
+            self.session.finish()
+        return self._hyp([], True)
 
-        out = self.session.finish()
-        return hypothesis_from_session(self.session, out, self.model, last=True)
+    def close(self) -> None:
+        with self.shared.lock:
+            self.session.close()
+
+
+def open_recognizer(model, mode: str = "buffered", shared: SharedRecognizer | None = None, **params):
+    """A ``StreamingRecognizer`` for ``mode``: "redecode" (fallback), or a ``trt_asr.streaming`` mode name."""
+    if mode == "redecode":
+        return RedecodeRecognizer(model, **params)
+    shared = shared or SharedRecognizer(model, mode, **params)
+    return shared.open()
 
 
 # ------------------------------------------------------------------------------------------- design for later

@@ -1,0 +1,108 @@
+"""One loaded model + streaming mode, shared by every caption stream of a process (``trt-asr serve`` / ``live``)."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .dsp import DSPConfig
+from .pipeline import CaptionPipeline, PipelineOptions
+from .recognizer import RedecodeRecognizer, SharedRecognizer, model_decoder
+from .transcript import CommitPolicy
+
+MODES = ("buffered", "cache-aware", "redecode")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a .nemo file, a model folder, a Hugging Face repo id, or "
+                   "random:<preset> (default: the shipped demo model)")
+    p.add_argument("--engine", default="torch", help="encoder engine: torch | torch-cuda | onnxruntime | tensorrt")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    g = p.add_argument_group("streaming")
+    g.add_argument("--mode", default="buffered", choices=MODES,
+                   help="buffered (full-attention models), cache-aware (streaming-trained models), or redecode "
+                   "(fallback: re-decode everything each step; short clips only)")
+    g.add_argument("--left-secs", type=float, default=10.0, help="buffered: left context")
+    g.add_argument("--chunk-secs", type=float, default=1.0, help="buffered: chunk (a step every chunk)")
+    g.add_argument("--right-secs", type=float, default=1.0, help="buffered: right context = revisable tail")
+    g.add_argument("--commit", default="engine", choices=["engine", "fast"],
+                   help="engine: commit only what the engine makes final (committed text == the mode's transcript); "
+                   "fast: also commit by age / stability / at endpoints (lower final latency)")
+    g.add_argument("--commit-age-ms", type=float, default=1500.0, help="fast commit: text older than this")
+    g.add_argument("--commit-after-updates", type=int, default=4, help="fast commit: unchanged for this many updates")
+    g.add_argument("--endpoint-ms", type=float, default=800.0,
+                   help="decoder endpoint: no new tokens for this long closes a caption (0: off)")
+    g.add_argument("--vad-hangover-ms", type=float, default=600.0, help="energy VAD: silence that ends an utterance")
+    g.add_argument("--normalize-gain", action="store_true", help="automatic gain (changes what the model hears)")
+
+
+@dataclass
+class CaptionService:
+    model: object
+    mode: str = "buffered"
+    params: dict = field(default_factory=dict)
+    commit: str = "engine"
+    commit_age_ms: float = 1500.0
+    commit_after_updates: int = 4
+    endpoint_ms: float | None = 800.0
+    vad_hangover_ms: float = 600.0
+    normalize_gain: bool = False
+
+    def __post_init__(self):
+        self._shared: SharedRecognizer | None = None
+        self._lock = threading.Lock()
+        self.decode = model_decoder(self.model)
+        if self.mode != "redecode":
+            self._shared = SharedRecognizer(self.model, self.mode.replace("-", "_"), **self.params)
+
+    @classmethod
+    def from_args(cls, args) -> "CaptionService":
+        from ..checkpoint import load_model
+
+        if args.engine not in ("torch", None):
+            from ..engines import load_engine_model
+
+            model = load_engine_model(args.engine, args.model, device=args.device, dtype=args.dtype)
+        else:
+            model = load_model(args.model, device=args.device, dtype=args.dtype)
+        params = {}
+        if args.mode == "buffered":
+            params = {"left_secs": args.left_secs, "chunk_secs": args.chunk_secs, "right_secs": args.right_secs}
+        return cls(model, args.mode, params, args.commit, args.commit_age_ms, args.commit_after_updates,
+                   args.endpoint_ms or None, args.vad_hangover_ms, args.normalize_gain)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.cfg.sample_rate
+
+    @property
+    def model_name(self) -> str:
+        return getattr(self.model, "name", "model")
+
+    def policy(self) -> CommitPolicy:
+        if self.mode == "redecode" or self.commit == "fast":
+            return CommitPolicy(commit_age_ms=self.commit_age_ms, commit_after_updates=self.commit_after_updates)
+        return CommitPolicy.strict()
+
+    def recognizer(self):
+        if self._shared is None:
+            return RedecodeRecognizer(self.model, lock=self._lock)
+        return self._shared.open()
+
+    def pipeline(self, emit: Callable[[dict], None], sample_rate: int, channels: int = 1,
+                 encoding: str | None = None, options: dict | None = None) -> CaptionPipeline:
+        o = options or {}
+        opts = PipelineOptions(
+            policy=self.policy(),
+            dsp=DSPConfig(sample_rate=sample_rate, channels=channels, target_rate=self.sample_rate,
+                          normalize_gain=bool(o.get("normalize_gain", self.normalize_gain)),
+                          vad=bool(o.get("vad", True)), vad_hangover_ms=self.vad_hangover_ms),
+            decoder_endpoint_ms=self.endpoint_ms, encoding=encoding)
+        return CaptionPipeline(self.recognizer(), emit, opts, self.decode)
+
+    def info(self) -> dict:
+        return {"model": self.model_name, "mode": self.mode, "params": self.params, "commit": self.commit,
+                "sample_rate": self.sample_rate}
