@@ -195,7 +195,8 @@ def initial_caches(params: CacheAwareParams, batch: int, device=None, dtype=torc
 def iter_chunks(features_bft: torch.Tensor, lengths: torch.Tensor, params: CacheAwareParams):
     """Split whole feature sequences into step inputs, as NeMo's ``CacheAwareStreamingAudioBuffer``:
     yields (audio_signal [B, F, P + T], length [B], first). The last chunk is zero-padded to the full chunk shape
-    (``length`` tells the real frames), so an engine only ever sees the two contract shapes."""
+    (``length`` tells the real frames), so an engine only ever sees the two contract shapes. Unlike NeMo's buffer,
+    a last piece shorter than 8 mel frames is encoded too (as the offline forward does), not dropped."""
     b, f, total = features_bft.shape
     idx, first = 0, True
     while idx < total:
@@ -207,8 +208,6 @@ def iter_chunks(features_bft: torch.Tensor, lengths: torch.Tensor, params: Cache
             lead = features_bft[:, :, max(idx - pre, 0):idx]
             lead = torch.cat([features_bft.new_zeros(b, f, pre - lead.shape[-1]), lead], dim=-1)
         body = features_bft[:, :, idx: idx + chunk]
-        if body.shape[-1] < (1 if first and not params.pad_and_drop_preencoded else params.subsampling_factor):
-            return  # too short to yield an encoder frame (NeMo stops there too)
         real = body.shape[-1]
         body = torch.cat([body, features_bft.new_zeros(b, f, chunk - real)], dim=-1)
         length = (lengths.to(torch.long) - idx).clamp(min=0, max=real) + pre
@@ -222,9 +221,6 @@ def num_chunks(total_frames: int, params: CacheAwareParams) -> int:
     n, idx, first = 0, 0, True
     while idx < total_frames:
         i = 0 if (first and not params.pad_and_drop_preencoded) else 1
-        need = 1 if (first and not params.pad_and_drop_preencoded) else params.subsampling_factor
-        if min(params.chunk_size[i], total_frames - idx) < need:
-            break
         n += 1
         idx += params.shift_size[i]
         first = False
@@ -347,12 +343,176 @@ class CacheAwareStreamer:
         return [tok.decode(i) for i in ids] if tok is not None else [" ".join(map(str, i)) for i in ids]
 
 
+# ----------------------------------------------------------------------------------------------- session mode
+class CacheAwareStreamState:
+    """Per-stream state of ``CacheAwareMode``: PCM not yet turned into mel frames, mel frames not yet stepped, the
+    encoder caches (batch 1, batch-first) and the decoder state."""
+
+    def __init__(self, params: CacheAwareParams, caches: dict, feat_in: int):
+        self.pcm = torch.zeros(0)
+        self.pcm_start = 0            # absolute sample index of pcm[0]
+        self.received = 0
+        self.ended = False
+        self.finished = False
+        self.mel_done = 0             # mel frames computed so far (absolute)
+        self.mel = torch.zeros(feat_in, 0)  # computed mel frames not yet stepped
+        self.pre_encode_cache = torch.zeros(feat_in, params.pre_encode_cache_size[1])
+        self.caches = caches
+        self.decoder_state = None
+        self.chunks_done = 0
+        self.frames_done = 0          # encoder frames emitted (absolute token frames)
+
+
+class CacheAwareMode:
+    """``StreamingMode`` "cache_aware" for ``trt_asr.streaming.session``: PCM -> incremental log-mel -> one
+    cache-aware engine step per chunk -> greedy TDT with the carried decoder state. Every token is committed at once
+    (nothing is revised: the chunk's output never changes later).
+
+    Mel frames are computed incrementally and equal the offline front end's when the model does not normalise
+    features (``normalize: null``, as NeMo's cache-aware models); with ``per_feature`` normalisation (not
+    streamable) they are normalised over the audio received so far, with a warning.
+    ``params``: ``att_context_size``, ``chunk_size``, ``left_chunks``, ``allow_inexact`` ... as ``CacheAwareParams
+    .for_encoder``; ``engine``: any ``EncoderEngine`` in stream mode (default: the torch reference)."""
+
+    name = "cache_aware"
+
+    def __init__(self, model, *, engine=None, params: CacheAwareParams | None = None, allow_inexact: bool = False,
+                 **param_kwargs):
+        self.model = model
+        self.params = params or CacheAwareParams.for_encoder(model.cfg.encoder, allow_inexact=allow_inexact,
+                                                             **param_kwargs)
+        if self.params.shift_size != self.params.chunk_size:
+            raise NotImplementedError("cache-aware sessions with overlapping chunks (shift < chunk)")
+        if engine is None:
+            from ..engines.torch_engine import TorchEncoderEngine
+            engine = TorchEncoderEngine(model, mode="stream", params=self.params)
+        self.engine = engine
+        self.decoder = model.greedy_decoder()
+        self.sample_rate = model.cfg.sample_rate
+        self.frame_seconds = model.cfg.frame_seconds
+        self.front = model.preprocessor.featurizer
+        self.hop, self.n_fft = self.front.hop, self.front.n_fft
+        self.normalized = bool(model.cfg.preprocessor.normalize)
+        if self.normalized:
+            warnings.warn("per-feature normalisation is not streamable: cache-aware sessions normalise over the "
+                          "audio received so far", stacklevel=2)
+
+    @property
+    def latency_seconds(self) -> float:
+        return self.params.chunk_size[1] * self.hop / self.sample_rate
+
+    # -------------------------------------------------------------- buffering
+    def new_stream(self) -> CacheAwareStreamState:
+        caches = initial_caches(self.params, 1, self.model.device, self.model.dtype)
+        return CacheAwareStreamState(self.params, caches, self.params.feat_in)
+
+    def push(self, s: CacheAwareStreamState, pcm: torch.Tensor) -> None:
+        s.pcm = torch.cat((s.pcm, pcm.to(torch.float32)))
+        s.received += pcm.numel()
+
+    def end(self, s: CacheAwareStreamState) -> None:
+        s.ended = True
+
+    def _frames_needed(self, s) -> int:
+        return self.params.chunk_size[0 if (s.chunks_done == 0 and not self.params.pad_and_drop_preencoded) else 1]
+
+    def _stable_frames(self, s) -> int:
+        """Mel frames whose STFT window lies inside the received audio (all frames once the stream ended)."""
+        if s.ended:
+            return int(self.front.num_frames(torch.tensor(s.received)))
+        return max((s.received - self.n_fft // 2) // self.hop + 1, 0)
+
+    def ready(self, s: CacheAwareStreamState) -> bool:
+        if s.finished:
+            return False
+        return s.ended or (self._stable_frames(s) - s.mel_done + s.mel.shape[1]) >= self._frames_needed(s)
+
+    def _update_mel(self, s) -> None:
+        """Compute the newly stable mel frames. A frame's window spans n_fft/2 samples either side (plus one for
+        pre-emphasis), so recomputing from 3 frames back reproduces the offline frames exactly."""
+        k1 = self._stable_frames(s)
+        if k1 <= s.mel_done:
+            return
+        if self.normalized:  # whole audio so far (kept), normalised over it
+            feats, _ = self.model.features(s.pcm[None], torch.tensor([s.received]))
+            new = feats[0, :, s.mel_done:k1]
+        else:
+            j0 = max(s.mel_done - 3, 0)
+            seg = s.pcm[j0 * self.hop - s.pcm_start:]
+            mel = self.front.log_mel(seg[None], torch.tensor([seg.numel()]))[0]
+            new = mel[:, s.mel_done - j0: k1 - j0]
+            keep_from = max(k1 - 3, 0) * self.hop  # the next update starts 3 frames before k1
+            s.pcm, s.pcm_start = s.pcm[keep_from - s.pcm_start:], keep_from
+        s.mel = torch.cat((s.mel, new.to(s.mel.dtype)), dim=1)
+        s.mel_done = k1
+
+    # -------------------------------------------------------------- one batched step
+    @torch.no_grad()
+    def step(self, streams):
+        from .session import StepResult, Token
+
+        for s in streams:
+            self._update_mel(s)
+        results: list = [None] * len(streams)
+        # first and later chunks have different shapes: one engine call per kind
+        kinds = [s.chunks_done == 0 for s in streams]
+        for first in (True, False):
+            idx = [i for i, k in enumerate(kinds) if k == first]
+            if not idx:
+                continue
+            group = [streams[i] for i in idx]
+            for i, r in zip(idx, self._step_group(group, first)):
+                results[i] = r
+        out = []
+        for s, toks in zip(streams, results):
+            out.append(StepResult(committed=[Token(lab, fr, d) for lab, fr, d in toks], tentative=[],
+                                  finished=s.finished))
+        return out
+
+    def _step_group(self, group, first: bool):
+        p, device, dtype = self.params, self.model.device, self.model.dtype
+        first = first and not p.pad_and_drop_preencoded
+        chunk = p.chunk_size[0 if first else 1]
+        pre = p.pre_encode_cache_size[0 if first else 1]
+        audio, lengths = [], []
+        for s in group:
+            body = s.mel[:, :chunk]
+            s.mel = s.mel[:, chunk:]
+            real = body.shape[1]
+            body = torch.nn.functional.pad(body, (0, chunk - real))
+            a = torch.cat((s.pre_encode_cache[:, s.pre_encode_cache.shape[1] - pre:], body), dim=1)
+            s.pre_encode_cache = a[:, a.shape[1] - p.pre_encode_cache_size[1]:]
+            audio.append(a)
+            lengths.append(pre + real)
+            s.finished = s.ended and s.mel.shape[1] == 0 and s.mel_done >= self._stable_frames(s)
+        inputs = {"audio_signal": torch.stack(audio).to(device, dtype),
+                  "length": torch.tensor(lengths, dtype=torch.long, device=device)}
+        for name in ("cache_last_channel", "cache_last_time", "cache_last_channel_len"):
+            inputs[name] = torch.cat([s.caches[name] for s in group])
+        out = self.engine.step(inputs)
+        from ..decoding.greedy import DecoderState
+        state = DecoderState.stack([s.decoder_state if s.decoder_state is not None
+                                    else self.decoder.initial_state(1, device, out["encoder_output"].dtype)
+                                    for s in group])
+        tokens, state = self.decoder(out["encoder_output"], out["encoded_lengths"], state)
+        results = []
+        for b, (s, toks) in enumerate(zip(group, tokens.to_lists())):
+            s.caches = {"cache_last_channel": out["cache_last_channel_next"][b:b + 1],
+                        "cache_last_time": out["cache_last_time_next"][b:b + 1],
+                        "cache_last_channel_len": out["cache_last_channel_next_len"][b:b + 1]}
+            s.decoder_state = state.select(torch.tensor([b], device=device))
+            results.append([(lab, s.frames_done + fr, d) for lab, fr, d in toks])
+            s.frames_done += int(out["encoded_lengths"][b])
+            s.chunks_done += 1
+        return results
+
+
 def offline_equivalent(model, features_bft: torch.Tensor, lengths: torch.Tensor, params: CacheAwareParams):
     """The offline forward the stream must equal: whole sequences, chunked-limited attention mask of the stream's
     context. Returns (encoded [B, D, T], lengths)."""
     return model.encoder(features_bft, lengths, att_context_size=list(params.att_context_size))
 
 
-__all__ = ["CacheAwareParams", "CacheAwareState", "CacheAwareStreamer", "NonCausalStreamingError", "StepOutput",
+__all__ = ["CacheAwareMode", "CacheAwareParams", "CacheAwareState", "CacheAwareStreamState", "CacheAwareStreamer", "NonCausalStreamingError", "StepOutput",
            "frames_for_chunks", "initial_caches", "iter_chunks", "num_chunks", "offline_equivalent",
            "subsampled_length", "replace"]
