@@ -24,11 +24,13 @@ Timestamps are absolute: ``Token.frame`` counts encoder frames (80 ms for v3) si
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
+
+from ..transcribe import TimedToken, Transcript, Word, make_transcript  # one set of result types
 
 
 # ----------------------------------------------------------------------------------------------- mode interface
@@ -97,23 +99,8 @@ def make_mode(model, mode: str | StreamingMode = "buffered", **params) -> Stream
 
 
 # ----------------------------------------------------------------------------------------------- events
-@dataclass(frozen=True)
-class TimedToken:
-    id: int
-    text: str  # SentencePiece piece ("▁" marks a word start)
-    frame: int
-    duration: int
-    start: float  # seconds since stream start
-    end: float
-
-
-@dataclass(frozen=True)
-class Word:
-    text: str
-    start: float
-    end: float
-
-
+# TimedToken(id, piece, frame, duration, start, end) and Word(word, start, end) are trt_asr.transcribe's types, so
+# streamed and offline results print the same.
 @dataclass
 class StreamEvent:
     committed: list[TimedToken]  # tokens committed by this step (append to what came before)
@@ -174,8 +161,9 @@ class StreamSession:
     def text(self) -> str:
         return self.recognizer.detokenize([t.id for t in self.tokens])
 
-    def transcript_tokens(self) -> list[TimedToken]:
-        return [self.recognizer.timed(t) for t in self.tokens]
+    def transcript(self) -> Transcript:
+        """Committed tokens so far as an offline-style Transcript."""
+        return make_transcript(self.recognizer.model, [(t.id, t.frame, t.duration) for t in self.tokens])
 
     # -------------------------------------------------------------- from the recognizer
     def _on_step(self, result: StepResult) -> None:
@@ -202,7 +190,7 @@ class StreamSession:
         out = []
         for end in bounds:
             word = rec.make_word(self.tokens[self._word_from:end])
-            if word.text:
+            if word.word:
                 out.append(word)
             self._word_from = end
         self.words.extend(out)
@@ -257,15 +245,12 @@ class Recognizer:
         return self.tokenizer.starts_word(token_id) if self.tokenizer is not None else True
 
     def timed(self, t: Token) -> TimedToken:
-        fs = self.mode.frame_seconds
-        piece = self.tokenizer.piece(t.id) if self.tokenizer is not None else str(t.id)
-        return TimedToken(t.id, piece, t.frame, t.duration, t.frame * fs, (t.frame + max(t.duration, 1)) * fs)
+        return make_transcript(self.model, [(t.id, t.frame, t.duration)]).tokens[0]
 
     def make_word(self, tokens: Sequence[Token]) -> Word:
-        fs = self.mode.frame_seconds
-        last = tokens[-1]
-        return Word(self.detokenize([t.id for t in tokens]).strip(), tokens[0].frame * fs,
-                    (last.frame + max(last.duration, 1)) * fs)
+        """The word spelled by tokens (one word start .. before the next), timed as the offline transcript does."""
+        words = make_transcript(self.model, [(t.id, t.frame, t.duration) for t in tokens]).words
+        return words[0] if words else Word("", 0.0, 0.0)
 
 
 def _as_pcm(pcm) -> torch.Tensor:
@@ -279,15 +264,6 @@ def _as_pcm(pcm) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- whole files
-@dataclass
-class StreamResult:
-    """Result of streaming one whole file (used when trt_asr.transcribe's types are not available)."""
-
-    text: str
-    tokens: list[TimedToken] = field(default_factory=list)
-    words: list[Word] = field(default_factory=list)
-
-
 def stream_tokens(model, audio_list: Iterable, mode: str | StreamingMode = "buffered", piece_secs: float | None = None,
                   max_batch: int = 64, **params) -> list[list[Token]]:
     """Stream each audio (float32 mono at the model's rate) through one Recognizer, all sessions batched together,
@@ -295,15 +271,13 @@ def stream_tokens(model, audio_list: Iterable, mode: str | StreamingMode = "buff
     rec = Recognizer(model, mode, max_batch=max_batch, **params)
     audios = [_as_pcm(a) for a in audio_list]
     sessions = [rec.open() for _ in audios]
-    piece = len(max(audios, key=len, default=[])) if piece_secs is None else max(1, int(piece_secs * rec.mode.sample_rate))
-    pos = 0
     longest = max((len(a) for a in audios), default=0)
-    while pos < longest:
+    piece = max(longest, 1) if piece_secs is None else max(1, int(piece_secs * rec.mode.sample_rate))
+    for pos in range(0, longest, piece):
         for s, a in zip(sessions, audios):
             if pos < len(a):
                 s.feed(a[pos:pos + piece], step=False)
         rec.run()
-        pos += piece
     for s in sessions:
         s.finish(step=False)
     rec.run()
@@ -311,40 +285,14 @@ def stream_tokens(model, audio_list: Iterable, mode: str | StreamingMode = "buff
 
 
 def transcribe_streaming(model, audio_list: Iterable, mode: str | StreamingMode = "buffered",
-                         piece_secs: float | None = None, max_batch: int = 64, **params) -> list:
+                         piece_secs: float | None = None, max_batch: int = 64, **params) -> list[Transcript]:
     """Offline-style transcription through the streaming session API (what ``trt-asr transcribe --stream`` runs).
 
-    ``params`` go to the mode, e.g. ``left_secs=10, chunk_secs=2, right_secs=2`` for buffered. Returns one
-    transcript per audio: ``trt_asr.transcribe.Transcript`` objects when that module provides a way to build them
-    from tokens (see ``_to_transcripts``), else ``StreamResult``."""
-    audios = list(audio_list)
+    ``mode``: "buffered" / "cache_aware" ("cache-aware" accepted); ``params`` go to the mode, e.g.
+    ``left_secs=10, chunk_secs=2, right_secs=2`` for buffered. All audios stream concurrently, batched. Returns one
+    ``trt_asr.transcribe.Transcript`` per audio (``audio`` name and ``duration`` are filled in)."""
+    audios = [_as_pcm(a) for a in audio_list]
     per_audio = stream_tokens(model, audios, mode, piece_secs, max_batch, **params)
-    return _to_transcripts(model, per_audio, model.cfg.frame_seconds)
-
-
-def _to_transcripts(model, per_audio: list[list[Token]], frame_seconds: float) -> list:
-    try:  # the offline transcribe module's own result types, so both paths print the same
-        from .. import transcribe as offline
-        build = getattr(offline, "transcript_from_tokens")
-    except (ImportError, AttributeError):
-        build = None
-    if build is not None:
-        return [build(model, [(t.id, t.frame, t.duration) for t in tokens]) for tokens in per_audio]
-    tok = getattr(model, "tokenizer", None)
-    out = []
-    for tokens in per_audio:
-        timed, words, cur = [], [], []
-        for t in tokens:
-            piece = tok.piece(t.id) if tok is not None else str(t.id)
-            timed.append(TimedToken(t.id, piece, t.frame, t.duration, t.frame * frame_seconds,
-                                    (t.frame + max(t.duration, 1)) * frame_seconds))
-            if cur and (tok is None or tok.starts_word(t.id)):
-                words.append(cur)
-                cur = []
-            cur.append(timed[-1])
-        if cur:
-            words.append(cur)
-        decode = (lambda ids: tok.decode(ids)) if tok is not None else (lambda ids: " ".join(map(str, ids)))
-        word_objs = [Word(decode([t.id for t in w]).strip(), w[0].start, w[-1].end) for w in words]
-        out.append(StreamResult(decode([t.id for t in tokens]), timed, [w for w in word_objs if w.text]))
-    return out
+    sr = model.cfg.sample_rate
+    return [make_transcript(model, [(t.id, t.frame, t.duration) for t in tokens], audio=f"<array {i}>",
+                            duration=len(a) / sr) for i, (tokens, a) in enumerate(zip(per_audio, audios))]

@@ -1,0 +1,730 @@
+"""Many streams on one engine: the batching scheduler behind the server, the load tool and the session API.
+
+    sched = StreamScheduler(Recognizer(model, "cache_aware"), SchedulerConfig(max_streams=64, max_batch=32))
+    sched.start()                                    # one worker thread owns the mode / engine
+    st = sched.open()                                # raises AdmissionError past capacity
+    st.push(pcm)                                     # thread-safe; blocks (or ``await st.apush``) past the bound
+    st.end();  for ev in st.events(timeout=...): ... # StreamEvent ... (final=True) or ErrorEvent
+    sched.stop(drain=True)                           # every stream gets its finals
+
+One *step* = gather the streams that have a full chunk ready (oldest-ready-first, at most ``max_batch``), run ONE
+``mode.step`` (one encoder call + one decoder loop for all of them), scatter the results into each stream's event
+queue. Only the worker thread touches the mode (its per-stream state: caches, decoder state, audio buffers); the
+clients only append to a bounded inbox, so the hot path has no locks held during compute.
+
+Guarantees (tests/test_scheduler.py):
+
+* batched == alone: each stream's tokens are those of running it on its own (the mode batches exactly);
+* fairness: a ready stream waits at most ceil(ready_streams / max_batch) steps (oldest-ready-first);
+* backpressure: audio queued beyond the next chunk is bounded by ``max_buffer_seconds``; past it ``push`` blocks
+  (the server stops reading that socket) and nothing is ever dropped;
+* admission: past ``max_streams`` ``open`` raises ``AdmissionError`` (code ``capacity``); while draining, code
+  ``shutting_down``;
+* isolation: if a batched step raises, the streams are re-run one by one; only the culprit(s) get an
+  ``ErrorEvent`` (code ``engine_error``) and are closed, the others get their normal events. Modes must commit a
+  stream's state only after the whole step succeeded (the shipped modes do) for the retry to be exact;
+* idle timeout (``idle_timeout``): a stream that sends nothing for that long is ended (its finals are emitted), then
+  gets ``ErrorEvent('idle_timeout')``; ``max_stream_seconds`` likewise (``stream_too_long``);
+* a stream whose events are not read (``max_pending_events``) is closed with ``client_not_reading``: server memory
+  stays bounded;
+* ``stop(drain=True)`` refuses new streams, ends the open ones and steps until all have their finals (or timeout).
+
+``SlotPool`` is the device-side state store for modes that keep per-stream tensors (cache-aware caches, decoder
+state): pre-allocated ``[capacity, ...]`` tensors indexed by the slot the scheduler assigns each stream
+(``ScheduledStream.slot``), gathered into per-bucket batch buffers and scattered back with ``index_copy_`` (no
+per-step allocation). Batch sizes are rounded up to ``batch_buckets`` for modes that pad to fixed shapes (CUDA
+graphs): the scheduler passes ``pad_to=`` to ``mode.step`` when the mode accepts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["AdmissionError", "ErrorEvent", "ScheduledStream", "SchedulerConfig", "SchedulerStats", "SlotPool",
+           "StreamScheduler", "StreamClosed", "bucket_for", "percentiles"]
+
+
+# ----------------------------------------------------------------------------------------------- config / errors
+@dataclass
+class SchedulerConfig:
+    max_streams: int = 64            # admission control: open streams at most
+    max_batch: int = 32              # streams in one step at most (fairness: the rest wait for the next step)
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    max_buffer_seconds: float = 20.0  # audio a stream may queue beyond its next chunk before push() blocks
+    piece_seconds: float = 0.25      # inbox pieces are coalesced / split to about this size
+    idle_timeout: float | None = 60.0  # seconds without audio (before end) -> stream ended with idle_timeout
+    max_stream_seconds: float | None = 4 * 3600.0  # audio per stream at most
+    max_pending_events: int = 2000   # unread events per stream before it is closed (client_not_reading)
+    sample_rate: int = 16000
+    latency_window: int = 100_000    # latency samples kept for the percentiles
+
+
+class SchedulerError(RuntimeError):
+    code = "error"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code or self.code
+        self.message = message
+
+
+class AdmissionError(SchedulerError):
+    """A new stream is refused: ``code`` is ``capacity`` (max_streams reached) or ``shutting_down``."""
+
+    code = "capacity"
+
+
+class StreamClosed(SchedulerError):
+    """push/end on a stream that was closed (error, timeout, shutdown or close())."""
+
+    code = "stream_closed"
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """An error for one stream. ``fatal``: the stream is closed (no more events follow)."""
+
+    code: str
+    message: str
+    fatal: bool = True
+    final: bool = False  # duck-typing with StreamEvent: never a transcript final
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n (n itself above the largest)."""
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    return n
+
+
+def percentiles(values: Sequence[float], qs=(50, 95, 99)) -> dict[str, float | None]:
+    if not len(values):
+        return {f"p{q}": None for q in qs}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in qs}
+
+
+# ----------------------------------------------------------------------------------------------- stats
+class SchedulerStats:
+    """Counters and latency samples (seconds). ``summary()`` gives milliseconds."""
+
+    def __init__(self, window: int = 100_000):
+        self.steps = 0
+        self.stepped_streams = 0
+        self.step_seconds: deque[float] = deque(maxlen=window)
+        self.batch_sizes: deque[int] = deque(maxlen=window)
+        self.event_latency: deque[float] = deque(maxlen=window)  # chunk ready -> its event emitted
+        self.busy_seconds = 0.0
+        self.started = time.monotonic()
+        self.errors: dict[str, int] = {}
+        self.refused = 0
+        self.opened = 0
+        self.max_open = 0
+
+    def error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def summary(self) -> dict:
+        def ms(d):
+            return {k: (None if v is None else round(v * 1000, 3)) for k, v in percentiles(list(d)).items()}
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {
+            "steps": self.steps, "stepped_streams": self.stepped_streams,
+            "mean_batch": (self.stepped_streams / self.steps) if self.steps else 0.0,
+            "max_batch": max(self.batch_sizes, default=0),
+            "step_ms": ms(self.step_seconds), "event_latency_ms": ms(self.event_latency),
+            "busy_fraction": self.busy_seconds / elapsed, "errors": dict(self.errors), "refused": self.refused,
+            "opened": self.opened, "max_open": self.max_open,
+        }
+
+
+# ----------------------------------------------------------------------------------------------- slot pool
+class SlotPool:
+    """Per-stream tensors on the device, pre-allocated for ``capacity`` slots.
+
+        pool = SlotPool(capacity, {"cache": ((L, C, D), torch.float32)}, device, buckets=(1, 2, 4, 8))
+        batch = pool.gather(slots)              # {"cache": [bucket, L, C, D]} views of pre-allocated buffers
+        ... step ...
+        pool.scatter(slots, {"cache": new})     # writes rows [:len(slots)] back
+        pool.reset(slot)                        # zero (or ``init``) one slot when a stream opens
+
+    Rows of a bucket beyond ``len(slots)`` are padding (copies of the first slot's state, so a padded step computes
+    on valid data) and are never scattered back."""
+
+    def __init__(self, capacity: int, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device="cpu",
+                 buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128), init: dict[str, torch.Tensor] | None = None):
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.buckets = tuple(sorted(b for b in buckets if b <= max(capacity, 1))) or (capacity,)
+        self.state = {k: torch.zeros((capacity, *shape), dtype=dt, device=self.device) for k, (shape, dt) in specs.items()}
+        self.init = {k: (v.to(self.device) if v is not None else None) for k, v in (init or {}).items()}
+        self._batch = {b: {k: torch.empty((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
+                           for k, t in self.state.items()} for b in self.buckets}
+        self._index = {b: torch.zeros(b, dtype=torch.long, device=self.device) for b in self.buckets}
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def acquire(self) -> int:
+        if not self._free:
+            raise AdmissionError(f"all {self.capacity} slots are in use")
+        slot = self._free.pop()
+        self.reset(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+    def reset(self, slot: int) -> None:
+        for k, t in self.state.items():
+            if self.init.get(k) is not None:
+                t[slot].copy_(self.init[k])
+            else:
+                t[slot].zero_()
+
+    def _index_for(self, slots: Sequence[int]) -> tuple[int, torch.Tensor]:
+        n = len(slots)
+        b = bucket_for(n, self.buckets)
+        if b not in self._index:  # above the largest bucket: allocate (rare; bounded by capacity)
+            self._index[b] = torch.zeros(b, dtype=torch.long, device=self.device)
+            self._batch[b] = {k: torch.empty((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
+                              for k, t in self.state.items()}
+        idx = self._index[b]
+        host = list(slots) + [slots[0]] * (b - n)
+        idx.copy_(torch.tensor(host, dtype=torch.long), non_blocking=True)
+        return b, idx
+
+    def gather(self, slots: Sequence[int]) -> dict[str, torch.Tensor]:
+        b, idx = self._index_for(slots)
+        out = self._batch[b]
+        for k, t in self.state.items():
+            torch.index_select(t, 0, idx, out=out[k])
+        return out
+
+    def scatter(self, slots: Sequence[int], values: dict[str, torch.Tensor]) -> None:
+        n = len(slots)
+        _, idx = self._index_for(slots)
+        for k, v in values.items():
+            self.state[k].index_copy_(0, idx[:n], v[:n].to(self.state[k].dtype))
+
+
+# ----------------------------------------------------------------------------------------------- streams
+class ScheduledStream:
+    """A client's handle on one stream. ``push``/``end``/``close``/``events`` are thread-safe; ``apush`` and
+    ``aevents`` are the asyncio versions (bind a loop with ``attach_loop`` first, or call them from a loop)."""
+
+    def __init__(self, scheduler: "StreamScheduler", stream_id: int, slot: int):
+        self.scheduler = scheduler
+        self.id = stream_id
+        self.slot = slot
+        self.opened_at = time.monotonic()
+        self.last_audio_at = self.opened_at
+        self.samples_in = 0
+        # inbox (client side, under scheduler._lock)
+        self._inbox: deque[np.ndarray] = deque()
+        self._inbox_samples = 0
+        self._ended = False
+        self._closed = False
+        self._close_reason: ErrorEvent | None = None
+        # worker side
+        self.session = None  # trt_asr.streaming.session.StreamSession, made by the worker
+        self._end_sent = False
+        self._pending_error: ErrorEvent | None = None  # sent after the finals (idle_timeout, stream_too_long)
+        self.ready_since: float | None = None
+        self.finished = False
+        self.steps = 0
+        # outbox
+        self._events: deque = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_event: asyncio.Event | None = None  # set when events arrive or the stream closes
+        self._async_space: asyncio.Event | None = None  # set when the inbox has room again
+        self._cond = threading.Condition(scheduler._lock)
+
+    # -------------------------------------------------------------- client API
+    @property
+    def buffered_seconds(self) -> float:
+        return self._inbox_samples / self.scheduler.config.sample_rate
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def done(self) -> bool:
+        """No more events will come (final or fatal error delivered to the queue)."""
+        return self._closed or self.finished
+
+    def has_room(self) -> bool:
+        return self._inbox_samples < self.scheduler._buffer_samples
+
+    def push(self, pcm, block: bool = True, timeout: float | None = None) -> bool:
+        """Queue float32 mono samples at the scheduler's rate. Past the buffer bound: wait for room (block=True,
+        up to ``timeout``), else return False without queueing (the caller keeps the audio: nothing is dropped)."""
+        x = _as_array(pcm)
+        sched = self.scheduler
+        with sched._lock:
+            self._check_open()
+            if self._ended:
+                raise StreamClosed("push() after end()", "stream_ended")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self.has_room():
+                if not block:
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 0.5)
+                self._check_open()
+            self._enqueue(x)
+        sched._wake()
+        return True
+
+    async def apush(self, pcm) -> None:
+        """Async push: awaits room past the buffer bound (the caller stops reading its socket meanwhile)."""
+        x = _as_array(pcm)
+        self.attach_loop()
+        sched = self.scheduler
+        while True:
+            with sched._lock:
+                self._check_open()
+                if self._ended:
+                    raise StreamClosed("push() after end()", "stream_ended")
+                if self.has_room():
+                    self._enqueue(x)
+                    break
+                self._async_space.clear()
+            await self._async_space.wait()
+        sched._wake()
+
+    def end(self) -> None:
+        """No more audio: the remaining audio is decoded and the last event has ``final=True``."""
+        with self.scheduler._lock:
+            if self._closed:
+                return
+            self._ended = True
+        self.scheduler._wake()
+
+    def close(self, reason: ErrorEvent | None = None) -> None:
+        """Forget the stream now (e.g. the client disconnected): its audio is not decoded, its slot is freed."""
+        self.scheduler._close_stream(self, reason, notify=reason is not None)
+
+    def poll(self) -> list:
+        with self.scheduler._lock:
+            out = list(self._events)
+            self._events.clear()
+            return out
+
+    def events(self, timeout: float | None = None) -> Iterator:
+        """Blocking iterator over events until the final (or a fatal error); stops early after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.scheduler._lock:
+                while not self._events and not self.done:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return
+                    self._cond.wait(left if left is not None else 0.5)
+                batch = list(self._events)
+                self._events.clear()
+                finished = self.done and not self._events
+            for ev in batch:
+                yield ev
+            if finished:
+                return
+
+    async def aevents(self):
+        """Async iterator over events until the final (or a fatal error)."""
+        self.attach_loop()
+        while True:
+            with self.scheduler._lock:
+                batch = list(self._events)
+                self._events.clear()
+                finished = self.done
+                if not batch and not finished:
+                    self._async_event.clear()
+            for ev in batch:
+                yield ev
+            if finished and not batch:
+                with self.scheduler._lock:
+                    if not self._events:
+                        return
+                continue
+            if not batch:
+                await self._async_event.wait()
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if self._loop is None:
+            self._loop = loop or asyncio.get_running_loop()
+            self._async_event = asyncio.Event()
+            self._async_space = asyncio.Event()
+            self._async_space.set()
+
+    # -------------------------------------------------------------- internals (scheduler._lock held)
+    def _check_open(self) -> None:
+        if self._closed:
+            r = self._close_reason
+            raise StreamClosed(r.message if r else "stream is closed", r.code if r else "stream_closed")
+
+    def _enqueue(self, x: np.ndarray) -> None:
+        if not x.size:
+            return
+        self.last_audio_at = time.monotonic()
+        self.samples_in += x.size
+        piece = self.scheduler._piece_samples
+        if self._inbox and self._inbox[-1].size < piece:  # coalesce small client frames
+            head = piece - self._inbox[-1].size
+            self._inbox[-1] = np.concatenate([self._inbox[-1], x[:head]])
+            x = x[head:]
+        for i in range(0, x.size, piece):  # split big ones (views)
+            self._inbox.append(x[i:i + piece])
+        self._recount()
+
+    def _recount(self) -> None:
+        self._inbox_samples = sum(p.size for p in self._inbox)  # deque of <= buffer/piece items
+
+    def _pop_piece(self) -> np.ndarray | None:
+        if not self._inbox:
+            return None
+        p = self._inbox.popleft()
+        self._inbox_samples -= p.size
+        if self.has_room():
+            self._cond.notify_all()
+            self._signal_async(space=True)
+        return p
+
+    def _deliver(self, events: list) -> None:
+        self._events.extend(events)
+        self._cond.notify_all()
+        self._signal_async()
+
+    def _signal_async(self, space: bool = False) -> None:
+        if self._loop is None:
+            return
+        ev = self._async_space if space else self._async_event
+        try:
+            self._loop.call_soon_threadsafe(ev.set)
+        except RuntimeError:  # loop closed
+            pass
+
+
+def _snapshot(state):
+    d = getattr(state, "__dict__", None)
+    return dict(d) if d is not None else None
+
+
+def _restore(state, snap) -> None:
+    if snap is not None:
+        state.__dict__.clear()
+        state.__dict__.update(snap)
+
+
+def _as_array(pcm) -> np.ndarray:
+    if isinstance(pcm, torch.Tensor):
+        x = pcm.detach().to("cpu", torch.float32).numpy()
+    else:
+        x = np.asarray(pcm, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"expected mono PCM [N], got shape {x.shape}")
+    if x.size and not np.isfinite(x).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    return np.ascontiguousarray(x)
+
+
+# ----------------------------------------------------------------------------------------------- scheduler
+class StreamScheduler:
+    """Shares one ``Recognizer`` (its mode and engine) among many streams. See the module docstring.
+
+    ``recognizer``: a ``trt_asr.streaming.session.Recognizer`` (or anything with ``open()`` returning sessions
+    with ``state``, ``finish(step=False)``, ``_on_step(result)``, ``poll()`` and a ``mode``)."""
+
+    def __init__(self, recognizer, config: SchedulerConfig | None = None,
+                 on_step: Callable[[dict], None] | None = None):
+        self.rec = recognizer
+        self.mode = recognizer.mode
+        self.config = config or SchedulerConfig(sample_rate=getattr(self.mode, "sample_rate", 16000))
+        c = self.config
+        self._lock = threading.RLock()
+        self._wake_cond = threading.Condition(self._lock)
+        self._work = False
+        self._streams: dict[int, ScheduledStream] = {}
+        self._free_slots = list(range(c.max_streams - 1, -1, -1))
+        self._next_id = 0
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._engine_lock = threading.Lock()  # one step at a time (worker thread or a synchronous caller)
+        self._buffer_samples = max(1, int(c.max_buffer_seconds * c.sample_rate))
+        self._piece_samples = max(1, int(c.piece_seconds * c.sample_rate))
+        self.stats = SchedulerStats(c.latency_window)
+        self.on_step = on_step
+        try:
+            self._mode_pads = "pad_to" in inspect.signature(self.mode.step).parameters
+        except (TypeError, ValueError):
+            self._mode_pads = False
+
+    # -------------------------------------------------------------- client API
+    def open(self) -> ScheduledStream:
+        with self._lock:
+            if not self._accepting:
+                self.stats.refused += 1
+                raise AdmissionError("server is shutting down; no new streams", "shutting_down")
+            if not self._free_slots:
+                self.stats.refused += 1
+                raise AdmissionError(f"server at capacity ({self.config.max_streams} concurrent streams); "
+                                     f"retry later", "capacity")
+            st = ScheduledStream(self, self._next_id, self._free_slots.pop())
+            self._next_id += 1
+            self._streams[st.id] = st
+            self.stats.opened += 1
+            self.stats.max_open = max(self.stats.max_open, len(self._streams))
+        self._wake()
+        return st
+
+    @property
+    def open_streams(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    @property
+    def capacity_left(self) -> int:
+        with self._lock:
+            return len(self._free_slots)
+
+    def start(self) -> "StreamScheduler":
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="trt-asr-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop accepting; with ``drain`` end every stream and step until all have their finals (up to
+        ``timeout`` s); streams left then get ``ErrorEvent('shutdown')``. Stops the worker thread."""
+        with self._lock:
+            self._accepting = False
+            streams = list(self._streams.values())
+        if drain:
+            for st in streams:
+                st.end()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if not self._streams:
+                        break
+                if self._thread is None or not self._thread.is_alive():
+                    self.step()
+                else:
+                    time.sleep(0.01)
+        with self._lock:
+            left = list(self._streams.values())
+        for st in left:
+            self._close_stream(st, ErrorEvent("shutdown", "server shut down before the stream finished"))
+        self._stop = True
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> int:
+        """Synchronous driving (tests, in-process bench): step until nothing is ready. Returns steps run."""
+        n = 0
+        while n < max_steps and self.step():
+            n += 1
+        return n
+
+    # -------------------------------------------------------------- the worker
+    def _wake(self) -> None:
+        with self._lock:
+            self._work = True
+            self._wake_cond.notify_all()
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            try:
+                n = self.step()
+            except Exception as e:  # never let the worker die; the step already isolated stream errors
+                self.stats.error("scheduler_error")
+                n = 0
+                time.sleep(0.01)
+                _ = e
+            if n == 0:
+                with self._lock:
+                    if not self._work and not self._stop:
+                        self._wake_cond.wait(0.05)
+                    self._work = False
+
+    def step(self) -> int:
+        """Intake + housekeeping + ONE batched step of the oldest-ready streams. Returns streams stepped (0: none
+        ready; intake may still have happened)."""
+        with self._engine_lock:
+            now = time.monotonic()
+            ready = self._intake(now)
+            if not ready:
+                return 0
+            ready.sort(key=lambda s: (s.ready_since, s.id))
+            batch = ready[: self.config.max_batch]
+            self._run_batch(batch)
+            return len(batch)
+
+    def _intake(self, now: float) -> list[ScheduledStream]:
+        c = self.config
+        with self._lock:
+            streams = list(self._streams.values())
+        ready = []
+        for st in streams:
+            if st._closed:
+                continue
+            try:
+                if st.session is None:
+                    st.session = self.rec.open()
+                state = st.session.state
+                # move audio into the mode until a step would make progress (the rest stays in the bounded inbox)
+                while not self.mode.ready(state):
+                    with self._lock:
+                        piece = st._pop_piece()
+                        ended = st._ended and not st._inbox
+                    if piece is None:
+                        if ended and not st._end_sent:
+                            st._end_sent = True
+                            st.session.finish(step=False)
+                            continue
+                        break
+                    if c.max_stream_seconds is not None and st.samples_in > c.max_stream_seconds * c.sample_rate:
+                        self._end_with(st, "stream_too_long",
+                                       f"stream longer than the limit of {c.max_stream_seconds:g} s; ended")
+                        break
+                    self.mode.push(state, torch.from_numpy(piece))
+                if not st._ended and c.idle_timeout is not None and now - st.last_audio_at > c.idle_timeout:
+                    self._end_with(st, "idle_timeout", f"no audio for {c.idle_timeout:g} s; stream ended")
+                if self.mode.ready(state) and not st.finished:
+                    if st.ready_since is None:
+                        st.ready_since = now
+                    ready.append(st)
+            except Exception as e:  # a bad stream (e.g. its mode state) never stops the others
+                self._close_stream(st, ErrorEvent("engine_error", f"stream {st.id}: {type(e).__name__}: {e}"))
+        return ready
+
+    def _end_with(self, st: ScheduledStream, code: str, message: str) -> None:
+        """End the stream now (its audio so far is decoded and finalized), then a non-transcript error."""
+        with self._lock:
+            st._ended = True
+            st._inbox.clear()
+            st._recount()
+            st._pending_error = ErrorEvent(code, message)
+        if not st._end_sent and st.session is not None:
+            st._end_sent = True
+            st.session.finish(step=False)
+        self.stats.error(code)
+
+    def _run_batch(self, batch: list[ScheduledStream]) -> None:
+        t0 = time.perf_counter()
+        states = [st.session.state for st in batch]
+        # shallow snapshot: the modes replace (never mutate in place) a stream's tensors, so restoring the attribute
+        # dict undoes a step that raised half-way; the retry alone is then exactly the step that failed
+        saved = [_snapshot(x) for x in states]
+        try:
+            results = self._mode_step(states)
+            if len(results) != len(states):
+                raise RuntimeError(f"mode returned {len(results)} results for {len(states)} streams")
+            failed: list[tuple[ScheduledStream, Exception]] = []
+            pairs = list(zip(batch, results))
+        except Exception as batch_error:  # isolate: retry one by one, only the culprits fail
+            pairs, failed = [], []
+            for x, snap in zip(states, saved):
+                _restore(x, snap)
+            if len(batch) == 1:
+                failed.append((batch[0], batch_error))
+            else:
+                for st, snap in zip(batch, saved):
+                    try:
+                        pairs.append((st, self._mode_step([st.session.state])[0]))
+                    except Exception as e:
+                        _restore(st.session.state, snap)
+                        failed.append((st, e))
+        dt = time.perf_counter() - t0
+        now = time.monotonic()
+        s = self.stats
+        s.steps += 1
+        s.stepped_streams += len(batch)
+        s.step_seconds.append(dt)
+        s.batch_sizes.append(len(batch))
+        s.busy_seconds += dt
+        for st, result in pairs:
+            st.steps += 1
+            try:
+                st.session._on_step(result)
+                events = st.session.poll()
+            except Exception as e:
+                failed.append((st, e))
+                continue
+            s.event_latency.append(now - (st.ready_since or now))
+            st.ready_since = None
+            if result.finished and st._pending_error is not None:
+                events.append(st._pending_error)
+            with self._lock:
+                if st._closed:  # closed by the client while it was being stepped
+                    continue
+                overflow = len(st._events) + len(events) > self.config.max_pending_events
+                if not overflow:
+                    st.finished = bool(result.finished)  # with the events, under the lock: readers see both
+                    st._deliver(events)
+            if overflow:
+                self._close_stream(st, ErrorEvent("client_not_reading",
+                                                  f"more than {self.config.max_pending_events} unread events"))
+            elif st.finished:
+                self._release(st)
+        for st, e in failed:
+            self._close_stream(st, ErrorEvent("engine_error", f"step failed for stream {st.id}: "
+                                                              f"{type(e).__name__}: {e}"))
+        if self.on_step is not None:
+            self.on_step({"batch": len(batch), "seconds": dt, "failed": len(failed)})
+
+    def _mode_step(self, states):
+        if self._mode_pads:
+            return self.mode.step(states, pad_to=bucket_for(len(states), self.config.batch_buckets))
+        return self.mode.step(states)
+
+    def _release(self, st: ScheduledStream) -> None:
+        with self._lock:
+            if self._streams.pop(st.id, None) is not None:
+                self._free_slots.append(st.slot)
+            st._cond.notify_all()
+            st._signal_async()
+            st._signal_async(space=True)
+
+    def _close_stream(self, st: ScheduledStream, reason: ErrorEvent | None, notify: bool = True) -> None:
+        with self._lock:
+            if st._closed:
+                return
+            st._closed = True
+            st._close_reason = reason
+            st._inbox.clear()
+            st._recount()
+            if reason is not None and notify:
+                st._events.append(reason)
+                self.stats.error(reason.code)
+        if st.session is not None:
+            try:
+                st.session.close()  # the recognizer forgets it (a dict pop; the mode keeps no other reference)
+            except Exception:
+                pass
+        self._release(st)
+
+
+def ceil_steps(ready: int, max_batch: int) -> int:
+    """Upper bound on the steps a ready stream waits (fairness)."""
+    return math.ceil(ready / max_batch)
