@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import math
 import threading
 import time
@@ -462,6 +463,7 @@ class StreamScheduler:
         self._streams: dict[int, ScheduledStream] = {}
         self._free_slots = list(range(c.max_streams - 1, -1, -1))
         self._next_id = 0
+        self._seq = itertools.count()  # service order: ties in ready time go to the stream served longest ago
         self._accepting = True
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -486,6 +488,7 @@ class StreamScheduler:
                 raise AdmissionError(f"server at capacity ({self.config.max_streams} concurrent streams); "
                                      f"retry later", "capacity")
             st = ScheduledStream(self, self._next_id, self._free_slots.pop())
+            st._order = next(self._seq)
             self._next_id += 1
             self._streams[st.id] = st
             self.stats.opened += 1
@@ -575,7 +578,7 @@ class StreamScheduler:
             ready = self._intake(now)
             if not ready:
                 return 0
-            ready.sort(key=lambda s: (s.ready_since, s.id))
+            ready.sort(key=lambda s: (s.ready_since, s._order))  # FIFO: oldest ready, then longest unserved
             batch = ready[: self.config.max_batch]
             self._run_batch(batch)
             return len(batch)
@@ -665,6 +668,7 @@ class StreamScheduler:
         s.busy_seconds += dt
         for st, result in pairs:
             st.steps += 1
+            st._order = next(self._seq)
             try:
                 st.session._on_step(result)
                 events = st.session.poll()
