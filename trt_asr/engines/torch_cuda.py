@@ -1,0 +1,400 @@
+"""``torch-cuda`` engine: the PyTorch model in fp16/bf16 (or fp32) with CUDA graphs and static buffers.
+
+* Encoder steps (window or stream mode) run from CUDA graphs captured lazily per *bucket*: batch rounded up to the
+  next batch bucket, time rounded up to a multiple of ``time_quantum`` mel frames (padding is masked, so padded rows
+  and frames do not change the real ones). Inputs are copied into the bucket's static buffers, the graph replays, and
+  the outputs are sliced (and cloned, so the caller may keep them across steps).
+* Offline transcription (:class:`TorchCudaTranscriber`): mel front end (fp32, eager), encoder (graph or eager),
+  then the TDT/RNNT greedy loop of ``trt_asr.decoding.greedy`` captured as a CUDA graph of ``block`` uniform steps.
+  The host checks completion with a one-block lag (flag copied into pinned memory, an event per block), so the GPU
+  always has the next block queued: no host sync on the hot path.
+* The decoder (prediction network and joint) runs in fp32 as NeMo does, whatever the encoder's precision.
+
+Without CUDA (``device='cpu'``) everything runs eagerly through the same code (for CPU tests of the logic).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..decoding.greedy import BatchedTokens
+from ..model.encoder import StreamingCache
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def _bucket(n: int, buckets) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    return n
+
+
+def _round_up(n: int, q: int) -> int:
+    return max(q, int(math.ceil(n / q)) * q)
+
+
+class _Graphed:
+    """A function of static input tensors captured as a CUDA graph (or run eagerly on CPU / when disabled)."""
+
+    def __init__(self, fn, inputs: dict[str, torch.Tensor], use_graph: bool, pool=None, warmup: int = 2):
+        self.fn, self.inputs = fn, inputs
+        self.graph = None
+        if use_graph:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(warmup):
+                    fn(**inputs)
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.outputs = fn(**inputs)
+        else:
+            self.outputs = None
+
+    def __call__(self):
+        if self.graph is None:
+            self.outputs = self.fn(**self.inputs)
+        else:
+            self.graph.replay()
+        return self.outputs
+
+
+class TorchCudaEngine:
+    """EncoderEngine with CUDA graphs per (batch, time) bucket. ``model`` is a ``TransducerModel`` (any device and
+    dtype: the encoder is copied to ``device`` in ``precision``)."""
+
+    name = "torch-cuda"
+
+    def __init__(self, model, mode: str = "window", precision: str = "fp16", device="cuda", *,
+                 batch_buckets=DEFAULT_BATCH_BUCKETS, time_quantum: int = 16, use_graphs: bool | None = None,
+                 params=None, drop_extra_pre_encoded: int = 0, cache_drop_size: int = 0, att_context_size=None,
+                 output_dtype: torch.dtype | None = None, copy_model: bool = True):
+        """``params``: ``trt_asr.streaming.cache_aware.CacheAwareParams`` for stream mode (first/later chunk drop,
+        cache drop, attention context, valid_out_len), as the reference ``TorchEncoderEngine``; without it the
+        explicit ``drop_extra_pre_encoded`` / ``cache_drop_size`` / ``att_context_size`` apply to every chunk."""
+        if mode not in ("window", "stream"):
+            raise ValueError(f"mode must be 'window' or 'stream', not {mode!r}")
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {list(DTYPES)}")
+        self.mode, self.precision = mode, precision
+        self.device = torch.device(device)
+        self.dtype = DTYPES[precision]
+        enc = model.encoder
+        if copy_model and (enc.layers[0].norm_out.weight.device != self.device
+                           or enc.layers[0].norm_out.weight.dtype != self.dtype):
+            enc = copy.deepcopy(enc)
+        self.encoder = enc.to(device=self.device, dtype=self.dtype).eval()
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.cfg = model.cfg
+        self.batch_buckets = tuple(sorted(batch_buckets))
+        self.time_quantum = time_quantum
+        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        self.params = params
+        if params is not None:
+            cache_drop_size = params.cache_drop_size
+            att_context_size = list(params.att_context_size)
+        self.drop_extra_pre_encoded, self.cache_drop_size = drop_extra_pre_encoded, cache_drop_size
+        self.att_context_size = att_context_size
+        self.output_dtype = output_dtype
+        self._graphs: dict[tuple, _Graphed] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    # ------------------------------------------------------------------ functions captured
+    def _window_fn(self, audio_signal, length):
+        with torch.inference_mode():
+            enc, enc_len = self.encoder(audio_signal, length, self.att_context_size)
+        return {"encoder_output": enc, "encoded_lengths": enc_len}
+
+    def _drop(self, frames: int) -> int:
+        p = self.params
+        if p is None:
+            return self.drop_extra_pre_encoded
+        return p.drop_extra(p.is_first_chunk(frames))
+
+    def _stream_fn(self, audio_signal, length, cache_last_channel, cache_last_time, cache_last_channel_len):
+        p = self.params
+        with torch.inference_mode():
+            cache = StreamingCache(cache_last_channel.transpose(0, 1), cache_last_time.transpose(0, 1),
+                                   cache_last_channel_len)
+            enc, enc_len, nxt = self.encoder.stream_step(
+                audio_signal, length, cache, drop_extra_pre_encoded=self._drop(audio_signal.shape[-1]),
+                cache_drop_size=self.cache_drop_size, att_context_size=self.att_context_size)
+            if p is not None and p.att_context_style == "regular" and p.valid_out_len > 0:  # streaming_post_process
+                enc, enc_len = enc[:, :, : p.valid_out_len], enc_len.clamp(max=p.valid_out_len)
+        return {"encoder_output": enc, "encoded_lengths": enc_len,
+                "cache_last_channel_next": nxt.last_channel.transpose(0, 1).contiguous(),
+                "cache_last_time_next": nxt.last_time.transpose(0, 1).contiguous(),
+                "cache_last_channel_next_len": nxt.last_channel_len}
+
+    def _out_frames(self, t_mel: int) -> int:
+        pre = self.encoder.pre_encode
+        t = t_mel
+        for _ in range(int(math.log2(self.cfg.encoder.subsampling_factor))):
+            t = pre.out_length(t)
+        return t
+
+    # ------------------------------------------------------------------ step
+    def _get(self, key, make_inputs, fn):
+        g = self._graphs.get(key)
+        if g is None:
+            g = _Graphed(fn, make_inputs(), self.use_graphs, self._pool)
+            self._graphs[key] = g
+        return g
+
+    def prepare(self, batch: int, frames: int, cache_size: int | None = None, time_cache: int | None = None):
+        """Capture the graph of one bucket ahead of time (so the first real step does not pay for it)."""
+        B = _bucket(batch, self.batch_buckets)
+        T = frames if self.mode == "stream" else _round_up(frames, self.time_quantum)
+        F, D, L = self.cfg.encoder.feat_in, self.cfg.encoder.d_model, self.cfg.encoder.n_layers
+        if self.mode == "window":
+            key = ("w", B, T)
+
+            def make():
+                return {"audio_signal": torch.randn(B, F, T, device=self.device, dtype=self.dtype),
+                        "length": torch.full((B,), T, dtype=torch.long, device=self.device)}
+            return self._get(key, make, self._window_fn)
+        C = cache_size
+        K = time_cache if time_cache is not None else self.cfg.encoder.conv_context[0]
+        key = ("s", B, T, C, K)
+
+        def make():
+            return {"audio_signal": torch.randn(B, F, T, device=self.device, dtype=self.dtype),
+                    "length": torch.full((B,), T, dtype=torch.long, device=self.device),
+                    "cache_last_channel": torch.randn(B, L, C, D, device=self.device, dtype=self.dtype),
+                    "cache_last_time": torch.randn(B, L, D, K, device=self.device, dtype=self.dtype),
+                    "cache_last_channel_len": torch.full((B,), C, dtype=torch.long, device=self.device)}
+        return self._get(key, make, self._stream_fn)
+
+    def step(self, inputs: dict[str, torch.Tensor], clone: bool = True) -> dict[str, torch.Tensor]:
+        x = inputs["audio_signal"]
+        b, _, t = x.shape
+        if self.mode == "window":
+            g = self.prepare(b, t)
+            st = g.inputs
+            B, T = st["audio_signal"].shape[0], st["audio_signal"].shape[2]
+            if b == B and t == T:
+                st["audio_signal"].copy_(x, non_blocking=True)
+                st["length"].copy_(inputs["length"], non_blocking=True)
+            else:
+                st["audio_signal"].zero_()
+                st["audio_signal"][:b, :, :t].copy_(x, non_blocking=True)
+                st["length"].zero_()
+                st["length"][:b].copy_(inputs["length"], non_blocking=True)
+            out = g()
+            t_out = self._out_frames(t)
+            res = {"encoder_output": out["encoder_output"][:b, :, :t_out],
+                   "encoded_lengths": out["encoded_lengths"][:b]}
+        else:
+            ch = inputs["cache_last_channel"]
+            g = self.prepare(b, t, cache_size=ch.shape[2], time_cache=inputs["cache_last_time"].shape[3])
+            st = g.inputs
+            B = st["audio_signal"].shape[0]
+            for name in ("audio_signal", "length", "cache_last_channel", "cache_last_time", "cache_last_channel_len"):
+                if b < B:
+                    st[name][b:].zero_()
+                st[name][:b].copy_(inputs[name], non_blocking=True)
+            out = g()
+            res = {k: v[:b] for k, v in out.items()}
+        if clone:
+            res = {k: v.clone() for k, v in res.items()}
+        if self.output_dtype is not None:
+            res = {k: (v.to(self.output_dtype) if v.is_floating_point() else v) for k, v in res.items()}
+        return res
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+class GraphGreedyDecoder:
+    """``trt_asr.decoding.greedy.GreedyTransducerDecoder``'s uniform step on static buffers, ``block`` steps per
+    CUDA graph; same tokens (it is the same arithmetic). fp32 by default, as NeMo's decoder."""
+
+    def __init__(self, model, batch: int, max_frames: int, device="cuda", dtype=torch.float32, block: int = 16,
+                 use_graph: bool | None = None):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.prednet = copy.deepcopy(model.decoder).to(self.device, dtype).eval()
+        self.joint = copy.deepcopy(model.joint).to(self.device, dtype).eval()
+        d = model.cfg.decoding
+        self.tdt = d.model_type == "tdt"
+        self.max_symbols = d.max_symbols
+        self.blank = self.prednet.blank_id
+        self.B, self.T, self.block = batch, max_frames, block
+        self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        B, T, dev = batch, max_frames, self.device
+        J = self.joint.enc.out_features
+        H, Lr = self.prednet.cfg.pred_hidden, self.prednet.cfg.pred_rnn_layers
+        self.cap = T * self.max_symbols + 1
+        z = lambda *s, dt=torch.long: torch.zeros(*s, dtype=dt, device=dev)  # noqa: E731
+        self.s = dict(f=z(B, T, J, dt=dtype), lengths=z(B), t=z(B), active=z(B, dt=torch.bool),
+                      h=z(Lr, B, H, dt=dtype), c=z(Lr, B, H, dt=dtype), g=z(B, J, dt=dtype), last_label=z(B),
+                      labels=z(B, self.cap), frames=z(B, self.cap), durs=z(B, self.cap), counts=z(B),
+                      last_emit_frame=z(B), emits_at_frame=z(B))
+        self.batch_idx = torch.arange(B, device=dev)
+        self.dur_table = torch.tensor(list(d.durations) if self.tdt else [0], dtype=torch.long, device=dev)
+        with torch.inference_mode():
+            blank = torch.full((1,), self.blank, dtype=torch.long, device=dev)
+            h0 = torch.zeros(Lr, 1, H, device=dev, dtype=dtype)
+            out, (h1, c1) = self.prednet.step(blank, (h0, h0.clone()))
+            self.init_h, self.init_c, self.init_g = h1, c1, self.joint.project_prednet(out)
+        self.flag_host = torch.zeros(2, dtype=torch.bool, pin_memory=self.device.type == "cuda")
+        self.flag_dev = torch.zeros(1, dtype=torch.bool, device=dev)
+        self.graph = None
+        if self.use_graph:
+            self._reset_state()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self._block()
+            torch.cuda.current_stream().wait_stream(s)
+            self._reset_state()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._block()
+
+    def _reset_state(self):
+        s = self.s
+        s["t"].zero_()
+        s["active"].copy_(s["t"] < s["lengths"])
+        s["h"].copy_(self.init_h.expand_as(s["h"]))
+        s["c"].copy_(self.init_c.expand_as(s["c"]))
+        s["g"].copy_(self.init_g.expand_as(s["g"]))
+        s["last_label"].fill_(self.blank)
+        for k in ("labels", "frames", "durs", "counts", "emits_at_frame"):
+            s[k].zero_()
+        s["last_emit_frame"].fill_(-1)
+
+    @torch.inference_mode()
+    def _block(self):
+        s = self.s
+        f, lengths, t, h, c, g = s["f"], s["lengths"], s["t"], s["h"], s["c"], s["g"]
+        batch = self.batch_idx
+        last_frame = (lengths - 1).clamp(min=0)
+        num_tokens = 1 + self.blank
+        for _ in range(self.block):
+            active = s["active"]
+            logits = self.joint.joint_after_projection(f[batch, torch.minimum(t, last_frame)], g)
+            label = logits[:, :num_tokens].argmax(-1)
+            is_blank = label == self.blank
+            if self.tdt:
+                dur = self.dur_table[logits[:, num_tokens:].argmax(-1)]
+                dur = torch.where(is_blank & (dur == 0), 1, dur)
+            else:
+                dur = is_blank.long()
+            emit = active & ~is_blank
+            counts = s["counts"]
+            s["labels"][batch, counts] = label
+            s["frames"][batch, counts] = t
+            s["durs"][batch, counts] = dur
+            counts.add_(emit)
+            same_frame = s["last_emit_frame"] == t
+            s["emits_at_frame"].copy_(torch.where(emit, torch.where(same_frame, s["emits_at_frame"] + 1, 1),
+                                                  s["emits_at_frame"]))
+            s["last_emit_frame"].copy_(torch.where(emit, t, s["last_emit_frame"]))
+            s["last_label"].copy_(torch.where(emit, label, s["last_label"]))
+            out, (h_new, c_new) = self.prednet.step(torch.where(emit, label, self.blank), (h, c))
+            keep = emit[None, :, None]
+            h.copy_(torch.where(keep, h_new, h))
+            c.copy_(torch.where(keep, c_new, c))
+            g.copy_(torch.where(emit[:, None], self.joint.project_prednet(out), g))
+            t.add_(dur * active)
+            t.add_(emit & (s["emits_at_frame"] >= self.max_symbols) & (s["last_emit_frame"] == t))
+            s["active"].copy_(t < lengths)
+        self.flag_dev.copy_(s["active"].any().view(1))
+
+    @torch.inference_mode()
+    def __call__(self, f_btj: torch.Tensor, lengths: torch.Tensor) -> BatchedTokens:
+        """f: projected encoder output [b, T, J] (b <= B, T <= max_frames), lengths [b]."""
+        b, t_max, _ = f_btj.shape
+        if b > self.B or t_max > self.T:
+            raise ValueError(f"batch {b} x {t_max} frames exceeds the decoder's buffers {self.B} x {self.T}")
+        s = self.s
+        if b < self.B or t_max < self.T:
+            s["f"].zero_()
+            s["lengths"].zero_()
+        s["f"][:b, :t_max].copy_(f_btj)
+        s["lengths"][:b].copy_(lengths)
+        self._reset_state()
+        if self.graph is None:
+            while bool(s["active"].any()):
+                self._block()
+        else:
+            # launch blocks, reading the "still active" flag of the block before the last one: the GPU never
+            # waits for the host, and at most one block runs past the end (a no-op: finished rows are masked)
+            events: list[torch.cuda.Event] = []
+            i = 0
+            stream = torch.cuda.current_stream()
+            while True:
+                self.graph.replay()
+                self.flag_host[i % 2].copy_(self.flag_dev[0], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                events.append(ev)
+                if i >= 1:
+                    events[i - 1].synchronize()
+                    if not bool(self.flag_host[(i - 1) % 2]):
+                        break
+                i += 1
+                if i > 4 * self.cap:  # safety net
+                    break
+        n = int(s["counts"][:b].max()) if b else 0
+        return BatchedTokens(s["labels"][:b, :n].clone(), s["frames"][:b, :n].clone(), s["durs"][:b, :n].clone(),
+                             s["counts"][:b].clone())
+
+
+@dataclass
+class Timing:
+    features_s: float = 0.0
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+
+
+class TorchCudaTranscriber:
+    """Offline batched transcription on the GPU: front end -> encoder (torch-cuda) -> graph greedy decoder.
+
+    ``encoder_graphs`` False runs the encoder eagerly (for large batches the graph saves little and costs memory).
+    """
+
+    def __init__(self, model, precision: str = "bf16", device="cuda", max_batch: int = 128, max_seconds: float = 20.0,
+                 encoder_graphs: bool = False, decoder_block: int = 16, compile_encoder: bool = False):
+        self.device = torch.device(device)
+        self.model = model
+        self.preprocessor = copy.deepcopy(model.preprocessor).to(self.device).float().eval()
+        self.engine = TorchCudaEngine(model, "window", precision, self.device, use_graphs=encoder_graphs and
+                                      self.device.type == "cuda", batch_buckets=(max_batch,), time_quantum=64)
+        if compile_encoder:
+            self.engine.encoder = torch.compile(self.engine.encoder, dynamic=False)
+        self.joint_enc = copy.deepcopy(model.joint.enc).to(self.device, torch.float32).eval()
+        sub = model.cfg.encoder.subsampling_factor
+        hop = model.cfg.preprocessor.hop_length
+        max_frames = int(max_seconds * model.cfg.sample_rate) // hop // sub + 2
+        self.decoder = GraphGreedyDecoder(model, max_batch, max_frames, self.device, block=decoder_block)
+        self.max_frames = max_frames
+
+    @torch.inference_mode()
+    def __call__(self, audio: torch.Tensor, lengths: torch.Tensor, timing: Timing | None = None) -> BatchedTokens:
+        cuda = self.device.type == "cuda"
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if (timing is not None and cuda) else None
+        if ev:
+            ev[0].record()
+        feats, feat_len = self.preprocessor(audio.to(self.device, torch.float32), lengths.to(self.device))
+        if ev:
+            ev[1].record()
+        out = self.engine.step({"audio_signal": feats.to(self.engine.dtype), "length": feat_len}, clone=False)
+        f = self.joint_enc(out["encoder_output"].transpose(1, 2).float())
+        if ev:
+            ev[2].record()
+        tokens = self.decoder(f, out["encoded_lengths"])
+        if ev:
+            ev[3].record()
+            ev[3].synchronize()
+            timing.features_s += ev[0].elapsed_time(ev[1]) / 1e3
+            timing.encoder_s += ev[1].elapsed_time(ev[2]) / 1e3
+            timing.decoder_s += ev[2].elapsed_time(ev[3]) / 1e3
+        return tokens
