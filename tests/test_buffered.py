@@ -197,3 +197,16 @@ def test_tentative_tail_is_right_context_decoding(tiny):
     for t in events[-1].tentative:
         assert chunk_end <= t.frame < chunk_end + 4 + 4  # right context (+ at most one TDT jump into it)
     assert s.finish()[-1].final
+
+
+@pytest.mark.nemo
+@pytest.mark.slow
+def test_full_v3_equals_nemo_buffered(v3_model):
+    """The full 24-layer v3 (calibrated random weights) over a few chunks."""
+    a = audio(samples=26 * SPF + 700, seed=8)
+    ctx = dict(left_secs=0.8, chunk_secs=0.48, right_secs=0.48)  # 10 / 6 / 6 frames: 4 steps
+    ref, ref_jumps = nemo_buffered(v3_model, [a], **ctx)
+    ours, jumps = ours_streamed(v3_model, a, piece_secs=0.3, keep_last_partial_frame=False, **ctx)
+    assert len(jumps) >= 3 and len(ref[0]) > 5
+    assert ours == ref[0]
+    assert jumps == [j[0] for j in ref_jumps]
