@@ -168,6 +168,12 @@ def save_nemo(model: TransducerModel, path: str | Path) -> Path:
         vocab = "\n".join(model.tokenizer.piece(i) for i in range(model.tokenizer.vocab_size)) + "\n"
         files["vocab.txt"] = vocab.encode()
         cfg["tokenizer"]["vocab_path"] = "nemo:vocab.txt"
+        # SentencePiece's own vocab file (piece<TAB>score): NeMo's BPE tokenizer setup reads it from
+        # spe_tokenizer_vocab, and with dir=None it fails if the key is missing (NeMo writes all three files)
+        sp = model.tokenizer.sp
+        spe_vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(model.tokenizer.vocab_size))
+        files["tokenizer.vocab"] = spe_vocab.encode()
+        cfg["tokenizer"]["spe_tokenizer_vocab"] = "nemo:tokenizer.vocab"
     buf = io.BytesIO()
     torch.save({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                 for k, v in model.state_dict().items()}, buf)

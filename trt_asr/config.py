@@ -221,7 +221,29 @@ class ModelConfig:
         dcfg["model_type"] = self.decoding.model_type
         if self.decoding.model_type == "tdt":
             dcfg["durations"] = list(self.decoding.durations)
+        else:
+            dcfg.pop("durations", None)
         dcfg.setdefault("greedy", {})["max_symbols"] = self.decoding.max_symbols
+        # NeMo's EncDecRNNT(BPE)Model takes the joint's input sizes from model_defaults and the decoding durations
+        # (and the joint's output split) from the loss config: keep both consistent with the typed config.
+        md = cfg.get("model_defaults") or {}
+        md.update(enc_hidden=self.encoder.d_model, pred_hidden=self.decoder.pred_hidden,
+                  joint_hidden=self.joint.joint_hidden)
+        loss = cfg.get("loss") or {}
+        if self.decoding.model_type == "tdt":
+            md.update(tdt_durations=list(self.decoding.durations), num_tdt_durations=len(self.decoding.durations))
+            if loss.get("loss_name") != "tdt":
+                loss = {"loss_name": "tdt", "tdt_kwargs": {"fastemit_lambda": 0.0, "clamp": -1.0, "sigma": 0.02,
+                                                           "omega": 0.1}}
+            loss.setdefault("tdt_kwargs", {})["durations"] = list(self.decoding.durations)
+        else:
+            md.pop("tdt_durations", None)
+            md.pop("num_tdt_durations", None)
+            if loss.get("loss_name") not in (None, "default", "warprnnt_numba"):
+                loss = {"loss_name": "default"}
+        cfg["model_defaults"] = md
+        if loss:
+            cfg["loss"] = loss
         return cfg
 
 
