@@ -38,7 +38,7 @@ def final_event(seg: Segment, audio_end: float, latency_ms: float | None) -> dic
     return {
         "type": "final", "v": SCHEMA_VERSION, "segment": seg.id, "text": seg.text,
         "start": _r(seg.start), "end": _r(seg.end), "words": [w.as_dict() for w in seg.words],
-        "reason": seg.reason, "audio_end": _r(audio_end),
+        "reason": seg.reason, "continues_word": seg.continues_word, "audio_end": _r(audio_end),
         "latency_ms": None if latency_ms is None else round(latency_ms, 1),
     }
 

@@ -72,6 +72,7 @@ class Segment:
     end: float
     words: list[Word]
     reason: str  # "endpoint", "max_length", "end"
+    continues_word: bool = False  # the first token continues the previous segment's last word (join without space)
 
 
 @dataclass
@@ -83,6 +84,16 @@ class Update:
     finals: list[Segment]
     changed: bool  # anything visible changed (tail or commits)
     audio_end: float
+
+
+def join_finals(finals) -> str:
+    """The whole transcript from final segments (``Segment`` objects or final events): joined with one space,
+    or with none where a segment continues the previous one's last word."""
+    out = ""
+    for f in finals:
+        text, cont = (f["text"], f.get("continues_word", False)) if isinstance(f, dict) else (f.text, f.continues_word)
+        out += text if (cont or not out) else " " + text
+    return out
 
 
 def lcp(a: Sequence[Token], b: Sequence[Token]) -> int:
@@ -216,8 +227,10 @@ class TranscriptState:
                 if not (old or settled):
                     break
                 i += 1
-            # stop at a word boundary: the token after the committed prefix must start a word (or not exist)
-            while i > 0 and i < len(self.tail) and not self.tail[i].word_start:
+            # stop at a word boundary: the token after the committed prefix must start a word; at the end of the
+            # tail the next token is unknown, so the last word waits (except at an endpoint: silence ends words)
+            while i > 0 and ((i < len(self.tail) and not self.tail[i].word_start) or
+                             (i == len(self.tail) and not endpoint)):
                 i -= 1
             n_commit = i
         newly = self.tail[:n_commit]
@@ -270,7 +283,7 @@ class TranscriptState:
             if not text:
                 continue
             s = Segment(len(self.segments), toks, text, toks[0].start, max(toks[-1].end, toks[0].start),
-                        self.words(toks), reason)
+                        self.words(toks), reason, bool(self.segments) and not toks[0].word_start)
             self.segments.append(s)
             out.append(s)
             if force:

@@ -1,0 +1,127 @@
+"""Incremental WebVTT / SRT caption files: valid for the webvtt-py and srt parsers at every moment, at most 42
+characters per line and 2 lines per cue, ordered non-overlapping cues with sensible durations, every word kept."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import srt
+import webvtt
+from hypothesis import given, settings, strategies as st
+
+from trt_asr.captions.sinks import CaptionFileWriter, CueRules, JsonLinesWriter, cues_for_words
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _secs(ts: str) -> float:
+    h, m, s = ts.replace(",", ".").split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+@st.composite
+def final_events(draw):
+    t = 0.0
+    events = []
+    for seg in range(draw(st.integers(1, 6))):
+        words = []
+        t += draw(st.floats(0.0, 3.0))
+        for _ in range(draw(st.integers(1, 25))):
+            w = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyzé'-", min_size=1, max_size=
+                             draw(st.sampled_from([6, 12, 60]))))
+            dur = draw(st.floats(0.0, 0.9))
+            t += draw(st.floats(0.0, 1.5))
+            words.append({"word": w, "start": round(t, 3), "end": round(t + dur, 3)})
+            t += dur
+        events.append({"type": "final", "v": 1, "segment": seg, "text": " ".join(w["word"] for w in words),
+                       "start": words[0]["start"], "end": words[-1]["end"], "words": words})
+    return events
+
+
+def _check_cues(cues, words_in, rules):
+    """cues: list of (start, end, lines)."""
+    last_end = 0.0
+    for start, end, lines in cues:
+        assert 1 <= len(lines) <= rules.max_lines
+        assert all(0 < len(line) <= rules.max_chars for line in lines), lines
+        assert end > start >= last_end - 1e-3
+        assert end - start >= min(rules.min_duration, 0.001) - 1e-3
+        last_end = end
+    got = "".join("".join(lines).replace(" ", "") for _, _, lines in cues)
+    assert got == "".join(w["word"] for w in words_in)
+
+
+@settings(max_examples=60, deadline=None)
+@given(final_events())
+def test_vtt_and_srt_are_valid_and_follow_the_line_rules(events):
+    rules = CueRules()
+    vtt_buf, srt_buf = io.StringIO(), io.StringIO()
+    vtt_w, srt_w = CaptionFileWriter(vtt_buf, "vtt", rules), CaptionFileWriter(srt_buf, "srt", rules)
+    for e in events:
+        vtt_w(e)
+        srt_w(e)
+        # valid at every moment (one cue is held back until the next one starts)
+        webvtt.from_string(vtt_buf.getvalue())
+        list(srt.parse(srt_buf.getvalue()))
+    vtt_w({"type": "end"})
+    srt_w({"type": "end"})
+    words = [w for e in events for w in e["words"]]
+    vtt = webvtt.from_string(vtt_buf.getvalue())
+    _check_cues([(_secs(c.start), _secs(c.end), c.text.split("\n")) for c in vtt], words, rules)
+    subs = list(srt.parse(srt_buf.getvalue()))
+    assert [s.index for s in subs] == list(range(1, len(subs) + 1))
+    _check_cues([(s.start.total_seconds(), s.end.total_seconds(), s.content.split("\n")) for s in subs], words, rules)
+    assert len(vtt.captions) == len(subs)
+
+
+def test_cue_grouping_rules():
+    words = [{"word": f"word{i:02d}", "start": i * 0.3, "end": i * 0.3 + 0.25} for i in range(40)]
+    cues = cues_for_words(words, CueRules())
+    assert all(len(c.lines) <= 2 and all(len(x) <= 42 for x in c.lines) for c in cues)
+    assert all(c.end - c.start <= 6.0 for c in cues)
+    # a pause longer than max_gap starts a new cue
+    cues = cues_for_words([{"word": "a", "start": 0, "end": 0.2}, {"word": "b", "start": 2.0, "end": 2.2}], CueRules())
+    assert [c.lines for c in cues] == [["a"], ["b"]]
+    # a "word" longer than two lines is cut up rather than breaking the rules
+    cues = cues_for_words([{"word": "x" * 100, "start": 0, "end": 1}], CueRules())
+    assert all(len(c.lines) <= 2 and all(len(x) <= 42 for x in c.lines) for c in cues)
+
+
+def test_jsonl_writer():
+    buf = io.StringIO()
+    w = JsonLinesWriter(buf)
+    w({"type": "partial", "v": 1, "stable": "a", "unstable": "b"})
+    w({"type": "end", "v": 1})
+    assert [json.loads(x)["type"] for x in buf.getvalue().splitlines()] == ["partial", "end"]
+
+
+def test_live_cli_writes_caption_files(tmp_path, speech_wav):
+    """``trt-asr live FILE --vtt --srt --jsonl --stats`` end to end (random:tiny)."""
+    vtt, srt_path, jsonl = tmp_path / "o.vtt", tmp_path / "o.srt", tmp_path / "o.jsonl"
+    r = subprocess.run([sys.executable, "-m", "trt_asr", "live", str(speech_wav), "--model", "random:tiny",
+                        "--chunk-secs", "0.5", "--right-secs", "0.5", "--quiet", "--stats",
+                        "--vtt", str(vtt), "--srt", str(srt_path), "--jsonl", str(jsonl)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "partial latency: p50" in r.stderr
+    events = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert events[-1]["type"] == "end" and events[-1]["stats"]["committed_changes"] == 0
+    finals = [e for e in events if e["type"] == "final"]
+    assert finals and all(e["v"] == 1 for e in events)
+    cues = webvtt.read(str(vtt))
+    subs = list(srt.parse(srt_path.read_text()))
+    assert len(cues.captions) == len(subs) > 0
+    words = [w for e in finals for w in e["words"]]
+    _check_cues([(_secs(c.start), _secs(c.end), c.text.split("\n")) for c in cues], words, CueRules())
+
+
+@pytest.fixture(scope="module")
+def speech_wav(tmp_path_factory):
+    from trt_asr.captions.testaudio import make_speech_wav
+
+    return make_speech_wav(tmp_path_factory.mktemp("audio") / "speech.wav")
