@@ -1,0 +1,452 @@
+#!/usr/bin/env python3
+"""Train the two shipped demo models (``demo-tdt-buffered`` and ``demo-tdt-cache-aware``) on synthetic espeak-ng
+speech. Seeded and resumable; built for 10-minute commands on one GPU (both variants train at once, as two processes
+sharing the GPU and one synthesized data set).
+
+Sub-commands:
+  all     synthesize the call's training data, train both variants for --minutes, write a bundle to --out
+  synth   only synthesize (to --data)
+  train   one variant on synthesized data (what ``all`` starts twice)
+  unpack  join a bundle's parts (bundle.tar.partN) into a run folder
+  export  run folder -> trt_asr/assets/demo-tdt-*.nemo (fp32), docs/demo-model-training.png
+  plot    only the PNG
+
+The whole recipe (as run for the shipped models; each line one device command of <= 10 minutes):
+  python scripts/train_demo.py all --out $OUT --call 0 --minutes 6.5
+  python scripts/train_demo.py unpack --parts <returned files> --into runs/demo     # here
+  python scripts/train_demo.py all --out $OUT --call 1 --minutes 6.5 --resume runs/demo --anneal-minutes 2
+  python scripts/train_demo.py unpack ... && python scripts/train_demo.py export --run runs/demo
+Call k synthesizes a fresh training set (seed + k), so later calls see new sentences and voices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from trt_asr.training.configs import CACHE_AWARE_CONTEXTS, VARIANTS, demo_config  # noqa: E402
+from trt_asr.training.data import (SAMPLE_RATE, make_utterances, synthesize_all, augment)  # noqa: E402
+from trt_asr.training.text import SentenceGenerator  # noqa: E402
+
+TEST_SEED = 777  # the held-out test set (tests/data/demo_test): its sentences never occur in training
+N_TEST = 150
+DURATIONS = [0, 1, 2, 3, 4]
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def test_utterances():
+    """The held-out set: unseen sentences, held-out voice variants (f4, m4); mild noise added when written."""
+    return make_utterances(TEST_SEED, N_TEST, heldout=True)
+
+
+def test_sentences() -> set[str]:
+    return {u.text for u in test_utterances()}
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def train_tokenizer(path: Path, seed: int, vocab_size: int = 256, n: int = 30000) -> None:
+    import sentencepiece as spm
+    text = SentenceGenerator(seed + 12345).sentences(n)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", character_coverage=1.0, num_threads=1, minloglevel=2,
+                                   bos_id=-1, eos_id=-1, unk_id=0, seed_sentencepiece_size=100000)
+    path.write_bytes(buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------ synthesis
+def synth(data: Path, seed: int, call: int, n_train: int, workers: int) -> None:
+    data.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    utts = make_utterances(seed * 100 + call, n_train, exclude=test_sentences())
+    audio = synthesize_all(utts, workers)
+    lens = np.array([len(a) for a in audio], dtype=np.int64)
+    flat = np.concatenate([np.clip(a * 32767, -32768, 32767).astype(np.int16) for a in audio])
+    np.save(data / "audio.npy", flat)
+    np.save(data / "lengths.npy", lens)
+    (data / "texts.json").write_text(json.dumps([u.text for u in utts]))
+    tu = test_utterances()
+    ta = synthesize_all(tu, workers)
+    ta = [augment(x, 5000 + i, snr_db=(20.0, 40.0), gain_db=(-12.0, 0.0)) for i, x in enumerate(ta)]
+    np.save(data / "val_audio.npy", np.concatenate(ta).astype(np.float32))
+    np.save(data / "val_lengths.npy", np.array([len(a) for a in ta], dtype=np.int64))
+    (data / "val_texts.json").write_text(json.dumps([u.text for u in tu]))
+    log(f"synthesized {len(utts)} train utterances ({lens.sum() / SAMPLE_RATE / 3600:.2f} h) + {len(tu)} val "
+        f"in {time.time() - t0:.0f} s with {workers} workers")
+
+
+# ------------------------------------------------------------------------------------------------ training
+class Batches:
+    """Length-bucketed batches of at most `batch_seconds` of padded audio, reshuffled every epoch (seeded)."""
+
+    def __init__(self, lengths: np.ndarray, batch_seconds: float, seed: int, max_batch: int = 256):
+        self.lengths, self.seed = lengths, seed
+        order = np.argsort(lengths, kind="stable")
+        self.batches, cur = [], []
+        for i in order:
+            if cur and (len(cur) + 1) * lengths[i] / SAMPLE_RATE > batch_seconds or len(cur) >= max_batch:
+                self.batches.append(cur)
+                cur = []
+            cur.append(int(i))
+        if cur:
+            self.batches.append(cur)
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            rng = random.Random(self.seed * 1000 + epoch)
+            order = list(range(len(self.batches)))
+            rng.shuffle(order)
+            for b in order:
+                yield epoch, self.batches[b]
+            epoch += 1
+
+
+def gpu_augment(x: torch.Tensor, lens: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random gain (-25..+6 dB), additive white or low-passed noise at 6-40 dB SNR (80 % of utterances)."""
+    b, n = x.shape
+    dev = x.device
+    valid = torch.arange(n, device=dev)[None, :] < lens[:, None]
+    power = (x ** 2).sum(1) / lens.clamp(min=1)
+    noise = torch.randn(b, n, device=dev, generator=gen)
+    if torch.rand((), generator=gen, device=dev) < 0.5:  # low-passed (pinkish) noise for the whole batch
+        k = 0.9 ** torch.arange(48, device=dev, dtype=x.dtype)
+        noise = torch.nn.functional.conv1d(noise[:, None], k.flip(0)[None, None], padding=47)[:, 0, :n]
+    snr_db = 6 + 34 * torch.rand(b, device=dev, generator=gen)
+    use = (torch.rand(b, device=dev, generator=gen) < 0.8).float()
+    scale = torch.sqrt(power / 10 ** (snr_db / 10) / (noise ** 2).mean(1).clamp(min=1e-9)) * use
+    x = x + noise * scale[:, None]
+    gain = 10 ** ((-25 + 31 * torch.rand(b, device=dev, generator=gen)) / 20)
+    return (x * gain[:, None]).clamp(-1, 1) * valid
+
+
+def spec_augment(f: torch.Tensor, flen: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """2 frequency masks (<= 12 bands) and time masks (<= 5 % of the length, one per ~1.5 s)."""
+    b, nf, nt = f.shape
+    dev = f.device
+    fill = f.sum(-1, keepdim=True) / flen.clamp(min=1)[:, None, None]
+    mask = torch.zeros(b, nf, nt, dtype=torch.bool, device=dev)
+    fi = torch.arange(nf, device=dev)[None, :]
+    for _ in range(2):
+        w = torch.randint(0, 13, (b, 1), device=dev, generator=gen)
+        s = (torch.rand(b, 1, device=dev, generator=gen) * (nf - w)).long()
+        mask |= ((fi >= s) & (fi < s + w))[:, :, None]
+    ti = torch.arange(nt, device=dev)[None, :]
+    for _ in range(max(1, nt // 150)):
+        w = (torch.rand(b, 1, device=dev, generator=gen) * 0.05 * flen[:, None]).long()
+        s = (torch.rand(b, 1, device=dev, generator=gen) * (flen[:, None] - w).clamp(min=1)).long()
+        mask |= ((ti >= s) & (ti < s + w))[:, None, :]
+    return torch.where(mask, fill, f)
+
+
+def lr_at(step: int, peak: float, warmup: int) -> float:
+    step = max(step, 1)
+    return peak * min(step / warmup, math.sqrt(warmup / step))
+
+
+def train(args) -> None:
+    from trt_asr.model.asr import TransducerModel
+    from trt_asr.tokenizer import Tokenizer
+    from trt_asr.training.infer import transcribe_arrays
+    from trt_asr.training.loss import tdt_loss
+    from trt_asr.training.metrics import error_counts
+
+    variant = args.variant
+    run = Path(args.run)
+    dev = torch.device(args.device)
+    seed = args.seed + (0 if variant == "buffered" else 1)
+    torch.manual_seed(seed * 100 + args.call)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    tok = Tokenizer(run / "tokenizer.model")
+    cfg = demo_config(variant, tok.vocab_size, **json.loads(args.model_kwargs or "{}"))
+    model = TransducerModel(cfg)
+    model.tokenizer = tok
+    ckpt_path = run / f"{variant}.pt"
+    history, step = [], 0
+    if args.resume and (Path(args.resume) / f"{variant}.pt").is_file():
+        ck = torch.load(Path(args.resume) / f"{variant}.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state"].items()})
+        history, step = ck["history"], ck["step"]
+        log(f"[{variant}] resumed at step {step}")
+    model.to(dev).train()
+    log(f"[{variant}] {model.num_params() / 1e6:.2f} M parameters")
+    resumed_at = step
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "pos_bias" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-3}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-9)
+
+    data = Path(args.data)
+    audio = np.load(data / "audio.npy", mmap_mode="r")
+    lengths = np.load(data / "lengths.npy")
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    texts = json.loads((data / "texts.json").read_text())
+    targets = [tok.encode(t) for t in texts]
+    va, vl = np.load(data / "val_audio.npy"), np.load(data / "val_lengths.npy")
+    voff = np.concatenate([[0], np.cumsum(vl)])
+    val_audio = [va[voff[i]: voff[i + 1]] for i in range(len(vl))]
+    val_texts = json.loads((data / "val_texts.json").read_text())
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed * 7919 + args.call)
+    ctx_rng = random.Random(seed + args.call)
+
+    def validate():
+        model.eval()
+        hyps = transcribe_arrays(model, val_audio, batch_size=64)
+        model.train()
+        return error_counts(val_texts, hyps), hyps
+
+    t_start = time.time()
+    budget = args.minutes * 60
+    next_val = args.val_every
+    losses = []
+    for epoch, idx in Batches(lengths, args.batch_seconds, seed * 100 + args.call):
+        elapsed = time.time() - t_start
+        if elapsed > budget:
+            break
+        lr = lr_at(step, args.lr, args.warmup) * min(1.0, (step - resumed_at + 1) / 200 if resumed_at else 1.0)
+        if args.anneal_minutes > 0:
+            lr *= min(1.0, max(0.02, (budget - elapsed) / (args.anneal_minutes * 60)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        lens = torch.tensor([int(lengths[i]) for i in idx])
+        x = torch.zeros(len(idx), int(lens.max()))
+        for k, i in enumerate(idx):
+            x[k, : lens[k]] = torch.from_numpy(audio[offsets[i]: offsets[i + 1]].astype(np.float32) / 32768.0)
+        tl = torch.tensor([len(targets[i]) for i in idx])
+        y = torch.zeros(len(idx), int(tl.max()), dtype=torch.long)
+        for k, i in enumerate(idx):
+            y[k, : tl[k]] = torch.tensor(targets[i])
+        x, lens, y, tl = x.to(dev, non_blocking=True), lens.to(dev), y.to(dev), tl.to(dev)
+        x = gpu_augment(x, lens, gen)
+        feats, flen = model.features(x, lens)
+        feats = spec_augment(feats, flen, gen)
+        ctx = ctx_rng.choice(CACHE_AWARE_CONTEXTS) if variant == "cache-aware" else None
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            enc, elen = model.encoder(feats, flen, att_context_size=ctx)
+        pred, _ = model.decoder(y)  # LSTM in float32
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = model.joint(enc.transpose(1, 2), pred)
+        loss = tdt_loss(logits, y, elen, tl, blank=tok.vocab_size, durations=DURATIONS, sigma=0.02, omega=0.1,
+                        reduction="mean_volume")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item() if step % 10 == 0 else None)
+        if step % 50 == 0:
+            vals = [v for v in losses if v is not None]
+            losses = []
+            history.append({"step": step, "call": args.call, "time": round(elapsed, 1), "loss": float(np.mean(vals)),
+                            "lr": lr, "grad_norm": float(gnorm), "epoch": epoch})
+            if step % 200 == 0:
+                log(f"[{variant}] step {step} epoch {epoch} loss/token {np.mean(vals):.4f} lr {lr:.2e} "
+                    f"|g| {float(gnorm):.2f} {elapsed:.0f}s")
+        if elapsed > next_val:
+            next_val += args.val_every
+            m, hyps = validate()
+            history.append({"step": step, "call": args.call, "time": round(elapsed, 1), "val_wer": m["wer"],
+                            "val_cer": m["cer"]})
+            log(f"[{variant}] step {step} VAL WER {m['wer'] * 100:.2f} % CER {m['cer'] * 100:.2f} % | "
+                f"{val_texts[0]!r} -> {hyps[0]!r}")
+    m, hyps = validate()
+    history.append({"step": step, "call": args.call, "time": round(time.time() - t_start, 1), "val_wer": m["wer"],
+                    "val_cer": m["cer"]})
+    log(f"[{variant}] final step {step} VAL WER {m['wer'] * 100:.2f} % CER {m['cer'] * 100:.2f} %")
+    if variant == "cache-aware":
+        for c in CACHE_AWARE_CONTEXTS[1:]:
+            model.eval()
+            mc = error_counts(val_texts, transcribe_arrays(model, val_audio, 64, att_context_size=c))
+            log(f"[{variant}] context {c}: VAL WER {mc['wer'] * 100:.2f} %")
+            history.append({"step": step, "call": args.call, f"val_wer_{c[0]}_{c[1]}": mc["wer"]})
+    dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
+    torch.save({"state": {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.cpu()
+                          for k, v in model.state_dict().items()},
+                "history": history, "step": step, "variant": variant, "model_kwargs": args.model_kwargs},
+               ckpt_path)
+    log(f"[{variant}] saved {ckpt_path}")
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+def cmd_all(args) -> None:
+    out = Path(args.out)
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    if args.resume and (Path(args.resume) / "tokenizer.model").is_file():
+        (run / "tokenizer.model").write_bytes((Path(args.resume) / "tokenizer.model").read_bytes())
+    else:
+        train_tokenizer(run / "tokenizer.model", args.seed)
+    synth(Path(args.data), args.seed, args.call, args.n_train, args.workers)
+    procs = []
+    for v in args.variants.split(","):
+        cmd = [sys.executable, __file__, "train", "--variant", v, "--run", str(run), "--data", args.data,
+               "--minutes", str(args.minutes), "--call", str(args.call), "--seed", str(args.seed),
+               "--lr", str(args.lr), "--warmup", str(args.warmup), "--batch-seconds", str(args.batch_seconds),
+               "--val-every", str(args.val_every), "--anneal-minutes", str(args.anneal_minutes),
+               "--save-dtype", args.save_dtype, "--device", args.device]
+        if args.resume:
+            cmd += ["--resume", args.resume]
+        if args.model_kwargs:
+            cmd += ["--model-kwargs", args.model_kwargs]
+        procs.append(subprocess.Popen(cmd))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        log("a trainer failed:", codes)
+    bundle(run, out)
+    if any(codes):
+        sys.exit(1)
+
+
+def bundle(run: Path, out: Path, part_bytes: int = 15 * 2 ** 20) -> None:
+    """run folder -> out/bundle.tar.partN (the device returns files of <= 16 MiB)."""
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in sorted(run.iterdir()):
+            if f.is_file():
+                tar.add(f, arcname=f.name)
+    data = buf.getvalue()
+    for i in range(0, len(data), part_bytes):
+        (out / f"bundle.tar.part{i // part_bytes}").write_bytes(data[i: i + part_bytes])
+    log(f"bundle: {len(data) / 2 ** 20:.1f} MiB in {math.ceil(len(data) / part_bytes)} parts")
+
+
+def cmd_unpack(args) -> None:
+    parts = sorted(Path(args.parts).glob("bundle.tar.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+    data = b"".join(p.read_bytes() for p in parts)
+    into = Path(args.into)
+    into.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(into, filter="data")
+    print("unpacked", [m for m in os.listdir(into)])
+
+
+def load_trained(run: Path, variant: str):
+    from trt_asr.model.asr import TransducerModel
+    from trt_asr.tokenizer import Tokenizer
+    tok = Tokenizer(run / "tokenizer.model")
+    ck = torch.load(run / f"{variant}.pt", map_location="cpu", weights_only=False)
+    cfg = demo_config(variant, tok.vocab_size, **json.loads(ck.get("model_kwargs") or "{}"))
+    model = TransducerModel(cfg)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state"].items()})
+    model.tokenizer = tok
+    model.name = f"demo-tdt-{variant}"
+    return model.eval(), ck
+
+
+def cmd_export(args) -> None:
+    from trt_asr.checkpoint import save_nemo
+    run = Path(args.run)
+    for v in VARIANTS:
+        if not (run / f"{v}.pt").is_file():
+            continue
+        model, ck = load_trained(run, v)
+        path = save_nemo(model, ROOT / "trt_asr" / "assets" / f"demo-tdt-{v}.nemo")
+        print(f"{path}: {path.stat().st_size / 2 ** 20:.1f} MiB, step {ck['step']}")
+    cmd_plot(args)
+
+
+def cmd_plot(args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run = Path(args.run)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for v, color in zip(VARIANTS, ("tab:blue", "tab:orange")):
+        if not (run / f"{v}.pt").is_file():
+            continue
+        h = torch.load(run / f"{v}.pt", map_location="cpu", weights_only=False)["history"]
+        tr = [e for e in h if "loss" in e]
+        va = [e for e in h if "val_wer" in e]
+        a1.plot([e["step"] for e in tr], [e["loss"] for e in tr], color=color, label=f"demo-tdt-{v}")
+        a2.plot([e["step"] for e in va], [100 * e["val_wer"] for e in va], "o-", color=color, ms=3,
+                label=f"demo-tdt-{v}")
+    a1.set(xlabel="step", ylabel="TDT loss per token (train, augmented)", yscale="log", title="training loss")
+    a2.set(xlabel="step", ylabel="WER % (held-out voices and sentences)", yscale="log", title="held-out WER (greedy, offline)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3, which="both")
+        a.legend()
+    fig.tight_layout()
+    dst = ROOT / "docs" / "demo-model-training.png"
+    dst.parent.mkdir(exist_ok=True)
+    fig.savefig(dst, dpi=90)
+    print("wrote", dst)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(s):
+        s.add_argument("--run", default="/tmp/demo_run", help="folder for tokenizer, checkpoints, histories")
+        s.add_argument("--data", default="/dev/shm/demo_data")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--call", type=int, default=0, help="index of this command in the recipe (fresh data)")
+        s.add_argument("--minutes", type=float, default=6.5, help="training time of this command")
+        s.add_argument("--resume", default=None, help="folder with tokenizer.model and <variant>.pt")
+        s.add_argument("--lr", type=float, default=2e-3)
+        s.add_argument("--warmup", type=int, default=800)
+        s.add_argument("--batch-seconds", type=float, default=400.0)
+        s.add_argument("--val-every", type=float, default=75.0, help="seconds of training between validations")
+        s.add_argument("--anneal-minutes", type=float, default=0.0, help="decay lr linearly over the last minutes")
+        s.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32")
+        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        s.add_argument("--model-kwargs", default="", help="JSON kwargs for demo_config (smoke tests)")
+
+    s = sub.add_parser("all")
+    common(s)
+    s.add_argument("--out", required=True)
+    s.add_argument("--variants", default="buffered,cache-aware")
+    s.add_argument("--n-train", type=int, default=16000)
+    s.add_argument("--workers", type=int, default=os.cpu_count())
+    s = sub.add_parser("synth")
+    common(s)
+    s.add_argument("--n-train", type=int, default=16000)
+    s.add_argument("--workers", type=int, default=os.cpu_count())
+    s = sub.add_parser("train")
+    common(s)
+    s.add_argument("--variant", choices=VARIANTS, required=True)
+    s = sub.add_parser("unpack")
+    s.add_argument("--parts", required=True)
+    s.add_argument("--into", required=True)
+    for name in ("export", "plot"):
+        s = sub.add_parser(name)
+        s.add_argument("--run", required=True)
+    args = p.parse_args(argv)
+    if args.cmd == "all":
+        cmd_all(args)
+    elif args.cmd == "synth":
+        synth(Path(args.data), args.seed, args.call, args.n_train, args.workers)
+    elif args.cmd == "train":
+        train(args)
+    elif args.cmd == "unpack":
+        cmd_unpack(args)
+    elif args.cmd == "export":
+        cmd_export(args)
+    elif args.cmd == "plot":
+        cmd_plot(args)
+
+
+if __name__ == "__main__":
+    main()
