@@ -80,9 +80,11 @@ def test_events_add_up(tiny):
     for pos in range(0, a.numel(), 2000):
         events += s.feed(a[pos:pos + 2000])
         for ev in events[-1:]:
-            horizon = s.state.frames_decoded
-            assert all(t.frame >= horizon for t in ev.tentative)  # the tail lies after what is committed
+            assert ev.committed_until == s.horizon * tiny.cfg.frame_seconds
+            assert all(t.frame >= s.horizon for t in ev.tentative)  # the tail lies after what is committed
+            assert all(t.frame < s.horizon for t in ev.committed)
     events += s.finish()
+    assert [ev.committed_until for ev in events] == sorted(ev.committed_until for ev in events)
     assert [ev.final for ev in events] == [False] * (len(events) - 1) + [True]
     committed = [t for ev in events for t in ev.committed]
     assert [(t.id, t.frame) for t in committed] == [(t.id, t.frame) for t in s.tokens]

@@ -189,7 +189,7 @@ class BufferedMode:
             results.append(StepResult(
                 committed=[Token(label, start + frame, dur) for label, frame, dur in committed],
                 tentative=[Token(label, s.frames_decoded + frame, dur) for label, frame, dur in tail],
-                finished=s.finished))
+                finished=s.finished, horizon=s.frames_decoded))
         return results
 
 

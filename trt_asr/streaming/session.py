@@ -50,6 +50,7 @@ class StepResult:
     committed: list[Token]  # tokens final from now on, in order (never retracted)
     tentative: list[Token]  # the tentative tail after this step (replaces the previous tail; may change)
     finished: bool = False  # the stream ended and everything was decoded
+    horizon: int | None = None  # encoder frames since stream start that are decided (None: last committed token's)
 
 
 @runtime_checkable
@@ -109,6 +110,7 @@ class StreamEvent:
     text: str  # all committed text so far
     tentative_text: str  # text of the tentative tail (to show after ``text``)
     final: bool = False
+    committed_until: float = 0.0  # seconds since stream start up to which the transcript is final
 
 
 class StreamSession:
@@ -125,6 +127,7 @@ class StreamSession:
         self.finished = False
         self._events: list[StreamEvent] = []
         self._word_from = 0  # index in self.tokens where the current (incomplete) word starts
+        self.horizon = 0  # encoder frames decided so far (nothing before it can change)
 
     # -------------------------------------------------------------- public
     def feed(self, pcm, step: bool = True) -> list[StreamEvent]:
@@ -158,6 +161,11 @@ class StreamSession:
         self.recognizer._remove(self)
 
     @property
+    def committed_until(self) -> float:
+        """Seconds of audio (since stream start) whose transcript is final."""
+        return self.horizon * self.recognizer.mode.frame_seconds
+
+    @property
     def text(self) -> str:
         return self.recognizer.detokenize([t.id for t in self.tokens])
 
@@ -170,6 +178,10 @@ class StreamSession:
         rec = self.recognizer
         self.tokens.extend(result.committed)
         self.tentative = list(result.tentative)
+        if result.horizon is not None:
+            self.horizon = result.horizon
+        elif result.committed:
+            self.horizon = result.committed[-1].frame
         new_words = self._complete_words(final=result.finished)
         self.finished = result.finished
         self._events.append(StreamEvent(
@@ -179,6 +191,7 @@ class StreamSession:
             text=self.text,
             tentative_text=rec.detokenize([t.id for t in self.tentative]),
             final=result.finished,
+            committed_until=self.committed_until,
         ))
         if result.finished:
             rec._remove(self)
