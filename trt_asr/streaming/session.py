@@ -291,6 +291,8 @@ def stream_tokens(model, audio_list: Iterable, mode: str | StreamingMode = "buff
             if pos < len(a):
                 s.feed(a[pos:pos + piece], step=False)
         rec.run()
+        for s in sessions:
+            s.poll()  # events are not needed here; do not let them pile up
     for s in sessions:
         s.finish(step=False)
     rec.run()
