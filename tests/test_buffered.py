@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trt_asr.checkpoint import load_model
-from trt_asr.config import preset_config
+from trt_asr.config import preset_config, tiny_config
 from trt_asr.model.asr import TransducerModel
 from trt_asr.model.calibrate import calibrate_random_model, synthetic_audio
 from trt_asr.streaming import Recognizer, stream_tokens
@@ -25,6 +25,22 @@ SPF = 1280  # samples per encoder frame
 @pytest.fixture(scope="module")
 def tiny():
     return load_model("random:tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_rnnt():
+    """The tiny config as a plain RNNT (no durations): the buffered path must not depend on TDT."""
+    cfg = tiny_config()
+    cfg.decoding.model_type, cfg.decoding.durations, cfg.joint.num_extra_outputs = "rnnt", [], 0
+    cfg.nemo = cfg.to_nemo_dict()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = TransducerModel(cfg)
+        calibrate_random_model(model, seed=0, calib_seconds=3.0)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +117,9 @@ def nemo_buffered(model, audios, left_secs, chunk_secs, right_secs):
                                   prev_batched_state=state)
         for b in range(len(audios)):
             n = int(hyps.current_lengths[b])
-            out[b] += list(zip(hyps.transcript[b, :n].tolist(), hyps.timestamps[b, :n].tolist(),
-                               hyps.token_durations[b, :n].tolist()))
-        jumps.append(state.time_jumps.tolist())
+            durs = hyps.token_durations[b, :n].tolist() if hyps.token_durations is not None else [0] * n  # RNNT: 0
+            out[b] += list(zip(hyps.transcript[b, :n].tolist(), hyps.timestamps[b, :n].tolist(), durs))
+        jumps.append(state.time_jumps.tolist() if state.time_jumps is not None else [0] * len(audios))  # RNNT
         rest -= chunk_lengths
         left_sample = right_sample
         right_sample = min(right_sample + ctx.chunk, audio_batch.shape[1])
@@ -141,6 +157,15 @@ def test_tiny_equals_nemo_buffered(tiny, n):
     assert jumps == [j[0] for j in ref_jumps]  # same decoder state carried across every seam
     if n % SPF == 0:  # no partial last frame: the default (offline-consistent) mode is NeMo's too
         assert triples(stream_tokens(tiny, [a], piece_secs=0.05, **CTX)[0]) == ref[0]
+
+
+@pytest.mark.nemo
+@pytest.mark.parametrize("n", [int(4.37 * SR), 9 * 5 * SPF + 4 * SPF])
+def test_rnnt_equals_nemo_buffered(tiny_rnnt, n):
+    a = audio(samples=n, seed=n + 1)
+    ref, _ = nemo_buffered(tiny_rnnt, [a], **CTX)
+    ours, jumps = ours_streamed(tiny_rnnt, a, piece_secs=0.13, keep_last_partial_frame=False, **CTX)
+    assert len(ours) > 10 and ours == ref[0] and set(jumps) == {0}
 
 
 @pytest.mark.nemo
