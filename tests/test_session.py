@@ -135,3 +135,14 @@ def test_short_and_empty_streams(tiny):
     short.feed(np.zeros(10, dtype=np.float32), step=False)
     assert empty.finish()[-1].final and empty.tokens == []
     assert short.finish()[-1].final
+
+
+def test_engine_window_step_equals_model(tiny):
+    """The buffered mode can run its encoder through any "window" EncoderEngine (the I/O contract)."""
+    from trt_asr.engines.torch_engine import TorchEncoderEngine
+
+    a = audio(3.3, 12)
+    ref = stream_tokens(tiny, [a], piece_secs=0.2, **CTX)[0]
+    engine = TorchEncoderEngine(tiny, mode="window")
+    assert stream_tokens(tiny, [a], piece_secs=0.2, engine=engine, **CTX)[0] == ref
+    assert engine.steps > 5
