@@ -65,8 +65,9 @@ def hypothesis_streams(draw):
         if revise and ids:  # the engine rewrites history (what a time-based commit may have taken)
             i = draw(st.integers(0, len(ids) - 1))
             ids = ids[:i] + [(ids[i] + 1) % VOCAB] + ids[i + 1:]
+        timed = draw(st.one_of(st.none(), st.floats(0, len(ids) * 0.08 + 0.5)))
         steps.append((ids, ws, final if not revise else 0, draw(st.booleans()),
-                      len(ids) * 0.08 + draw(st.floats(0, 2))))
+                      len(ids) * 0.08 + draw(st.floats(0, 2)), timed))
     return truth, starts, steps
 
 
@@ -78,9 +79,13 @@ def test_committed_text_never_changes(stream, policy):
     seen_committed: list[Token] = []
     seen_segments = []
     shown_tail: list[Token] = []
-    for ids, ws, final, endpoint, edge in steps:
-        hyp = Hypothesis(toks(ids, 0, ws), final, edge)
+    for ids, ws, final, endpoint, edge, timed in steps:
+        if timed is not None:
+            state.add_endpoint(timed)
+        hyp = Hypothesis(toks(ids, 0, ws), final, edge, final_until=final * 0.08)
+        pending = len(state._endpoints)
         upd = state.update(hyp, endpoint=endpoint)
+        timed_closed = len(state._endpoints) < pending
         # committed tokens only ever grow by appending
         assert state.committed[:len(seen_committed)] == seen_committed
         assert state.committed[len(seen_committed):] == upd.newly_committed
@@ -98,7 +103,7 @@ def test_committed_text_never_changes(stream, policy):
         shown_tail = state.tail
         assert new_tail_before_commit[len(upd.newly_committed):] == state.tail
         # commits that are not forced (end / endpoint) stop at word boundaries
-        if upd.newly_committed and state.tail and not endpoint:
+        if upd.newly_committed and state.tail and not endpoint and not timed_closed:
             assert state.tail[0].word_start
     last = Hypothesis(toks(truth, 0, starts), len(truth), len(truth) * 0.08 + 1, is_last=True)
     upd = state.update(last)
@@ -115,11 +120,14 @@ def test_strict_policy_commits_exactly_the_engine_transcript(stream):
     """With engine-consistent hypotheses and the strict policy, finals == the engine's final transcript."""
     truth, starts, steps = stream
     state = TranscriptState(policy=CommitPolicy.strict())
-    for ids, ws, final, endpoint, edge in steps:
+    for ids, ws, final, endpoint, edge, timed in steps:
+        if timed is not None:
+            state.add_endpoint(timed)
         # engine-consistent: the final part is the truth; drop steps that rewrote history
         if ids[:final] != truth[:final]:
             continue
-        state.update(Hypothesis(toks(ids, 0, starts[:final] + ws[final:]), final, edge), endpoint)
+        state.update(Hypothesis(toks(ids, 0, starts[:final] + ws[final:]), final, edge, final_until=final * 0.08),
+                     endpoint)
         assert [t.id for t in state.committed] == truth[:len(state.committed)]
     state.update(Hypothesis(toks(truth, 0, starts), len(truth), len(truth) * 0.08, is_last=True))
     assert [t.id for t in state.committed] == truth
@@ -147,3 +155,16 @@ def test_divergent_engine_never_rewrites_committed_text():
     s.update(Hypothesis(toks([1, 1, 1, 2, 4]), 0, 5.0))  # the engine changed its mind about the start
     assert [t.id for t in s.committed][:3] == [0, 2, 4]
     assert [t.id for t in s.committed[3:] + s.tail] == [2, 4]  # only tokens after the committed end are used
+
+
+def test_timed_endpoint_closes_the_segment_once_final():
+    s = TranscriptState(policy=CommitPolicy.strict())
+    s.update(Hypothesis(toks([0, 2, 4]), 3, 0.3, final_until=0.24))
+    assert s.stable_text == "a c" and s.unstable_text == "e"  # the last word may still continue
+    s.add_endpoint(0.5)  # the VAD saw the utterance end at 0.5 s
+    u = s.update(Hypothesis(toks([0, 2, 4]), 3, 0.45, final_until=0.4))
+    assert not u.finals  # the engine has not finalised up to 0.5 s yet
+    later = toks([0, 2, 4]) + toks([0, 2], start_frame=10)
+    u = s.update(Hypothesis(later, 3, 1.0, final_until=0.6))
+    assert [(f.text, f.reason) for f in u.finals] == [("a c e", "endpoint")]
+    assert s.stable_text == "" and s.unstable_text == "a c"

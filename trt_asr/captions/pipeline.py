@@ -88,7 +88,6 @@ class CaptionPipeline:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._seq = 0
-        self._pending_endpoints: list = []
         self._closed = False
         self.done = threading.Event()
         self._last_partial_nonempty = False
@@ -156,7 +155,9 @@ class CaptionPipeline:
                 audio = np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
                 if audio.size or last:
                     y, vad_events = self.dsp.process(audio, last=last)
-                    self._pending_endpoints += [e for e in vad_events if e.kind == "endpoint"]
+                    for e in vad_events:  # close the utterance a little after the speech ended (inside the pause)
+                        if e.kind == "endpoint":
+                            self.state.add_endpoint(e.time + min(0.3, (e.detected_at - e.time) / 2))
                     t0 = time.perf_counter()
                     hyp = self.recognizer.feed(y)
                     self.stats.compute_seconds += time.perf_counter() - t0
@@ -183,9 +184,6 @@ class CaptionPipeline:
     def _handle(self, hyp: Hypothesis) -> None:
         st = self.state
         endpoint = False
-        while self._pending_endpoints and hyp.audio_end >= self._pending_endpoints[0].detected_at:
-            self._pending_endpoints.pop(0)
-            endpoint = True
         if self.opts.decoder_endpoint_ms is not None and (st.tail or st.open_segment):
             last_tok = (st.tail or st.open_segment)[-1]
             newest = hyp.tokens[-1].end if hyp.tokens else last_tok.end

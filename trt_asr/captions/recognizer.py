@@ -154,7 +154,15 @@ class SessionRecognizer:
         tentative = [] if last else [self._token(t) for t in s.tentative]
         edge = getattr(s.state, "left_sample", None)
         edge = self._received if edge is None or last else min(int(edge), self._received)
-        return Hypothesis(committed + tentative, len(committed), edge / self.sample_rate, last)
+        if last:
+            final_until = edge / self.sample_rate
+        elif hasattr(s.state, "frames_decoded"):  # buffered: frames before the current chunk's end are final
+            final_until = int(s.state.frames_decoded) * self._fs
+        elif self.mode.startswith("cache"):  # cache-aware: everything emitted is final
+            final_until = edge / self.sample_rate
+        else:
+            final_until = None
+        return Hypothesis(committed + tentative, len(committed), edge / self.sample_rate, last, final_until)
 
     def feed(self, audio: np.ndarray) -> Hypothesis | None:
         self._received += int(audio.size)

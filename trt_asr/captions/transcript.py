@@ -43,6 +43,7 @@ class Hypothesis:
     final_count: int = 0  # leading tokens the engine guarantees will not change
     audio_end: float = 0.0  # live edge: seconds of audio that produced this hypothesis
     is_last: bool = False  # the stream has ended; everything is final
+    final_until: float | None = None  # the engine's output before this time is final (None: unknown)
 
 
 @dataclass
@@ -139,6 +140,13 @@ class TranscriptState:
         self.emitted_tail_tokens = 0  # tail tokens ever shown (denominator)
         self.audio_end = 0.0
         self.ended = False
+        self._endpoints: list[float] = []  # utterance ends (audio time) waiting for the engine to finalise them
+
+    def add_endpoint(self, time: float) -> None:
+        """An utterance ended at ``time`` (e.g. the VAD saw silence): the open segment closes there as soon as
+        everything before ``time`` is final (or at once under a policy that commits at endpoints)."""
+        self._endpoints.append(time)
+        self._endpoints.sort()
 
     # ------------------------------------------------------------------ text helpers
     def decode(self, tokens: Sequence[Token]) -> str:
@@ -239,6 +247,27 @@ class TranscriptState:
             self.tail = self.tail[n_commit:]
             self._stable_updates = self._stable_updates[n_commit:]
         finals = []
+        # ---- timed endpoints: close the open segment at T once the engine finalised everything before T
+        while self._endpoints and not hyp.is_last:
+            t_end = self._endpoints[0]
+            ready = hyp.final_until is not None and hyp.final_until >= t_end
+            if not (ready or p.commit_on_endpoint):
+                break
+            self._endpoints.pop(0)
+            k = 0
+            while k < len(self.tail) and self.tail[k].start < t_end:
+                k += 1
+            if k:  # final (held back only for a word boundary) or committed by the endpoint policy
+                newly = newly + self.tail[:k]
+                self.committed.extend(self.tail[:k])
+                self.tail = self.tail[k:]
+                self._stable_updates = self._stable_updates[k:]
+            seg = self.open_segment
+            cut = 0
+            while cut < len(seg) and seg[cut].start < t_end:
+                cut += 1
+            if cut:
+                finals += self._close(cut, "endpoint")
         if hyp.is_last:
             finals += self._close_segments(force=True, reason="end")
             self.ended = True
@@ -277,14 +306,18 @@ class TranscriptState:
                         break
                 if cut == 0:
                     return out
-            toks = seg[:cut]
-            text = self.decode(toks)
-            self.segment_start_index += cut
-            if not text:
-                continue
-            s = Segment(len(self.segments), toks, text, toks[0].start, max(toks[-1].end, toks[0].start),
-                        self.words(toks), reason, bool(self.segments) and not toks[0].word_start)
-            self.segments.append(s)
-            out.append(s)
+            out += self._close(cut, reason)
             if force:
                 return out
+
+    def _close(self, cut: int, reason: str) -> list[Segment]:
+        """Close the first ``cut`` tokens of the open segment as a final segment."""
+        toks = self.open_segment[:cut]
+        self.segment_start_index += cut
+        text = self.decode(toks)
+        if not toks or not text:
+            return []
+        s = Segment(len(self.segments), toks, text, toks[0].start, max(toks[-1].end, toks[0].start),
+                    self.words(toks), reason, bool(self.segments) and not toks[0].word_start)
+        self.segments.append(s)
+        return [s]
