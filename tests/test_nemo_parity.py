@@ -139,6 +139,14 @@ def test_encoder_v3_full_24_layers(v3_model, nemo_v3):
     assert torch.equal(feat_len, ref_len)
     assert (feats - ref_feats).abs().max().item() <= MEL_TOL
     assert_encoder_parity(v3_model, nemo_v3.encoder, feats, feat_len)
+    # and the full model's greedy tokens, through NeMo's own decoding object (strategy greedy_batch)
+    with torch.no_grad():
+        enc, enc_len = nemo_v3.encoder(audio_signal=ref_feats, length=ref_len)
+        hyps = nemo_v3.decoding.rnnt_decoder_predictions_tensor(enc, enc_len, return_hypotheses=True)
+    ours = ours_decode(v3_model, enc, enc_len, v3_model.cfg.decoding.max_symbols)
+    theirs = [list(zip(h.y_sequence.tolist(), torch.as_tensor(h.timestamp).tolist())) for h in hyps]
+    assert labels_frames(ours) == theirs
+    assert sum(map(len, theirs)) > 5
 
 
 def _v3_dims(n_layers: int, **encoder) -> object:
@@ -340,3 +348,34 @@ def test_nemo_batched_duration_quirk(tiny_tdt):
     print(f"NeMo batched durations overwritten: {differ}, explained by the unmasked inner loop: {explained}")
     assert differ > 0, "quirk not reproduced: NeMo may have fixed it (then assert batched durations equal ours)"
     assert explained == differ
+
+
+@pytest.mark.parametrize("split", [7, 20])
+def test_tdt_greedy_chunked_state_matches_nemo(tiny_tdt, split):
+    """Decoding in two chunks with the state carried over (prediction-network state, and the time jump past the
+    chunk end that a duration > 1 can cause) equals NeMo's label looping with ``prev_batched_state``."""
+    audio, lengths = padded_audio([64000, 50000, 23000, 9000], seed=77)
+    with torch.no_grad():
+        enc, enc_len = tiny_tdt.encode(audio, lengths)
+    computer = nemo_greedy_computer(tiny_tdt, max_symbols=10)
+    len1 = enc_len.clamp(max=split)
+    len2 = enc_len - len1
+    dec = tiny_tdt.greedy_decoder()
+    with torch.inference_mode():
+        t1, s1 = dec(enc[:, :, :split], len1)
+        t2, s2 = dec(enc[:, :, split:], len2, s1)
+        h1, n1 = computer(x=enc[:, :, :split].transpose(1, 2), out_len=len1)
+        h2, n2 = computer(x=enc[:, :, split:].transpose(1, 2), out_len=len2, prev_batched_state=n1)
+    assert torch.equal(s1.time_jump, n1.time_jumps)
+    assert torch.equal(s2.time_jump, n2.time_jumps)
+    print("time jumps after chunk 1:", s1.time_jump.tolist())
+    assert (s1.time_jump > 0).any()  # some utterance jumped past the chunk end: the carry-over is exercised
+    ours = [[(lab, fr) for lab, fr, _ in a] + [(lab, fr + int(len1[b])) for lab, fr, _ in c]
+            for b, (a, c) in enumerate(zip(t1.to_lists(), t2.to_lists()))]
+    ref = []
+    for b in range(enc.shape[0]):
+        k1, k2 = int(h1.current_lengths[b]), int(h2.current_lengths[b])
+        ref.append(list(zip(h1.transcript[b, :k1].tolist(), h1.timestamps[b, :k1].tolist()))
+                   + list(zip(h2.transcript[b, :k2].tolist(), h2.timestamps[b, :k2].tolist())))
+    assert ours == ref
+    assert sum(map(len, ours)) > 20
