@@ -125,3 +125,21 @@ def speech_wav(tmp_path_factory):
     from trt_asr.captions.testaudio import make_speech_wav
 
     return make_speech_wav(tmp_path_factory.mktemp("audio") / "speech.wav")
+
+
+def test_live_stdin_pcm_gives_the_same_finals_as_the_file(tmp_path, speech_wav):
+    """Raw s16le PCM on stdin (``trt-asr live -``) and the WAV file itself give identical finals."""
+    import soundfile as sf
+
+    from trt_asr.captions.transcript import join_finals
+
+    pcm, rate = sf.read(speech_wav, dtype="int16")
+    outs = []
+    for name, args, stdin in (("file", [str(speech_wav)], None), ("stdin", ["-", "--rate", str(rate)], pcm.tobytes())):
+        out = tmp_path / f"{name}.jsonl"
+        r = subprocess.run([sys.executable, "-m", "trt_asr", "live", *args, "--model", "random:tiny", "--quiet",
+                            "--chunk-secs", "0.5", "--right-secs", "0.5", "--jsonl", str(out)],
+                           input=stdin, capture_output=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stderr.decode()
+        outs.append(join_finals([e for e in map(json.loads, out.read_text().splitlines()) if e["type"] == "final"]))
+    assert outs[0] and outs[0] == outs[1]

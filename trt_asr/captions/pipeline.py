@@ -48,6 +48,7 @@ def percentile(values: list[float], q: float) -> float | None:
 class Stats:
     partial_latency_ms: list[float] = field(default_factory=list)
     final_latency_ms: list[float] = field(default_factory=list)
+    token_latency_ms: list[float] = field(default_factory=list)  # first display of a token - arrival of its audio
     partials: int = 0
     finals: int = 0
     committed_changes: int = 0  # must stay 0: committed text never changes
@@ -60,6 +61,7 @@ class Stats:
             return {"p50": _round(percentile(v, 50)), "p95": _round(percentile(v, 95)), "n": len(v)}
 
         return {"partial_latency_ms": pq(self.partial_latency_ms), "final_latency_ms": pq(self.final_latency_ms),
+                "token_latency_ms": pq(self.token_latency_ms),
                 "partials": self.partials, "finals": self.finals, "revision_rate": round(self.revision_rate, 4),
                 "committed_changes": self.committed_changes, "audio_seconds": round(self.audio_seconds, 3),
                 "rtf": round(self.compute_seconds / self.audio_seconds, 4) if self.audio_seconds else None}
@@ -91,6 +93,7 @@ class CaptionPipeline:
         self._closed = False
         self.done = threading.Event()
         self._last_partial_nonempty = False
+        self._shown_until = 0.0  # end time of the newest token shown so far
 
     # ------------------------------------------------------------------ capture side (any thread)
     def push(self, data: np.ndarray | bytes) -> None:
@@ -209,6 +212,12 @@ class CaptionPipeline:
             lat = None if arr is None else (now - arr) * 1000
             if lat is not None and nonempty:
                 self.stats.partial_latency_ms.append(lat)
+            for t in upd.revision.added + upd.newly_committed:  # tokens covering new audio, shown the first time
+                if t.end > self._shown_until + 1e-6:
+                    a = self._arrival(t.end)
+                    if a is not None:
+                        self.stats.token_latency_ms.append((now - a) * 1000)
+                    self._shown_until = t.end
             self.stats.partials += 1
             self._emit(ev.partial_event(st, upd, lat))
             self._last_partial_nonempty = nonempty

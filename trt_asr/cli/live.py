@@ -93,9 +93,10 @@ def run(args) -> int:
             pass
     if args.stats:
         st = result.get("stats", {})
-        pl, fl = st.get("partial_latency_ms", {}), st.get("final_latency_ms", {})
+        pl, fl, tl = (st.get(k, {}) for k in ("partial_latency_ms", "final_latency_ms", "token_latency_ms"))
         print(f"partial latency: p50 {pl.get('p50')} ms, p95 {pl.get('p95')} ms (n={pl.get('n')}); "
               f"final latency: p50 {fl.get('p50')} ms, p95 {fl.get('p95')} ms (n={fl.get('n')}); "
+              f"token first-shown latency: p50 {tl.get('p50')} ms, p95 {tl.get('p95')} ms; "
               f"revision rate {st.get('revision_rate')}, committed changes {st.get('committed_changes')}, "
               f"RTF {st.get('rtf')}", file=sys.stderr)
         print(json.dumps({"stats": st, "mode": svc.mode, "model": svc.model_name, "params": svc.params}),
