@@ -126,3 +126,34 @@ def test_our_save_nemo_then_nemo_restore(small_v3_vocab_model, batch, tmp_path):
     # and back: our loader reads our own archive strictly, with the same result
     again = load_model(str(path))
     assert_same_outputs(ours_run(again, *batch), nemo_run(nemo, *batch))
+
+
+def _tiny_rnnt():
+    from trt_asr.config import tiny_config
+
+    cfg = tiny_config(n_layers=2)
+    cfg.decoding.model_type, cfg.decoding.durations, cfg.joint.num_extra_outputs = "rnnt", [], 0
+    cfg.nemo = cfg.to_nemo_dict()
+    torch.manual_seed(5)
+    model = TransducerModel(cfg)
+    calibrate_random_model(model, seed=5, calib_seconds=2.0)
+    model.tokenizer = Tokenizer(str(resources.files("trt_asr.assets").joinpath("random-bpe-128.model")))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["tiny-cache-aware", "tiny-rnnt"])
+def test_small_configs_save_nemo_then_nemo_restore(kind, batch, tmp_path):
+    """Config fields beyond v3's (chunked_limited attention, causal convolutions and subsampling; plain RNNT
+    without durations) survive ``save_nemo`` -> NeMo ``restore_from``, with identical outputs."""
+    from nemo.collections.asr.models import ASRModel
+
+    model = load_model("random:tiny-cache-aware") if kind == "tiny-cache-aware" else _tiny_rnnt()
+    nemo = ASRModel.restore_from(str(save_nemo(model, tmp_path / f"{kind}.nemo")), map_location="cpu").eval()
+    if kind == "tiny-cache-aware":
+        assert nemo.encoder.att_context_style == "chunked_limited"
+        assert list(nemo.encoder.att_context_size) == [16, 3]
+        assert nemo.encoder.layers[0].conv.depthwise_conv._left_padding == 8  # causal: kernel 9, all left
+    else:
+        assert nemo.joint.num_extra_outputs == 0
+        assert type(nemo.decoding.decoding).__name__ == "GreedyBatchedRNNTInfer"
+    assert_same_outputs(ours_run(model, *batch), nemo_run(nemo, *batch))
