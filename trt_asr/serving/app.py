@@ -33,11 +33,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from ..captions import events as ev
 from ..captions.dsp import DSPError, ENCODINGS
 from ..captions.service import CaptionService
+from . import protocol
 
 MAX_CONFIG_BYTES = 4096
 MAX_FRAME_BYTES = 1 << 20  # one binary WebSocket message
 MAX_UPLOAD_BYTES = 25 << 20  # as OpenAI's endpoint
 MAX_STREAM_SECONDS = 4 * 3600
+MAX_BACKLOG_SECONDS = 30.0  # unprocessed audio per stream before the server stops reading its socket
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 STATIC_DIR = Path(str(resources.files("trt_asr.serving").joinpath("static")))
 
@@ -58,7 +60,7 @@ class Limits:
 
 def create_app(service: CaptionService, token: str | None = None, limits: Limits | None = None) -> Starlette:
     limits = limits or Limits()
-    state = {"sessions": 0, "started": time.time(), "streams_total": 0}
+    state = {"sessions": 0, "admitting": 0, "started": time.time(), "streams_total": 0}
     offline_lock = threading.Lock()
     transcriber = None
 
@@ -151,44 +153,39 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
         await ws.accept()
 
         async def fail(code: str, message: str, close_code: int = 1008):
-            await ws.send_text(ev.dumps({**ev.error_event(code, message), "seq": -1}))
-            await ws.close(code=close_code)
+            try:  # bounded: a client that is gone or never reads must not hold the handler
+                await asyncio.wait_for(ws.send_text(ev.dumps({**ev.error_event(code, message), "seq": -1})), 10)
+                await asyncio.wait_for(ws.close(code=close_code), 10)
+            except Exception:
+                pass
 
-        if state["sessions"] >= limits.max_sessions:
+        # admission counts streams from here on (also while their config is awaited): a burst of connections
+        # cannot overshoot the limit (scheduler owner)
+        if state["sessions"] + state["admitting"] >= limits.max_sessions:
             return await fail("busy", f"server is at its limit of {limits.max_sessions} streams", 1013)
+
+        async def read_config():
+            try:
+                first = await asyncio.wait_for(ws.receive(), timeout=30)
+            except asyncio.TimeoutError:
+                return await fail("config_timeout", "no config message within 30 s")
+            if first.get("type") == "websocket.disconnect":
+                return None
+            # the protocol parser (trt_asr.serving.protocol): unknown fields, bad types, deep JSON -> clear codes
+            try:
+                return protocol.parse_config(first.get("text") if first.get("text") is not None
+                                             else first.get("bytes"), MAX_CONFIG_BYTES)
+            except protocol.ProtocolError as e:
+                return await fail(e.code, e.message, e.close_code)
+
+        state["admitting"] += 1
         try:
-            first = await asyncio.wait_for(ws.receive(), timeout=30)
-        except asyncio.TimeoutError:
-            return await fail("config_timeout", "no config message within 30 s")
-        if first.get("type") == "websocket.disconnect":
+            cfg = await read_config()
+        finally:
+            state["admitting"] -= 1
+        if cfg is None:
             return
-        text = first.get("text")
-        if text is None:
-            return await fail("bad_config", "the first message must be a JSON text message with the stream config "
-                              "(sample_rate, encoding, channels, options)")
-        if len(text.encode()) > MAX_CONFIG_BYTES:
-            return await fail("bad_config", f"config message larger than {MAX_CONFIG_BYTES} bytes", 1009)
-        try:
-            cfg = json.loads(text)
-            if not isinstance(cfg, dict):
-                raise ValueError("config must be a JSON object")
-            rate = cfg.get("sample_rate", 16000)
-            encoding = cfg.get("encoding", "pcm_s16le")
-            channels = cfg.get("channels", 1)
-            options = cfg.get("options") or {}
-            if not isinstance(rate, int) or not 8000 <= rate <= 192000:
-                raise ValueError(f"sample_rate must be an integer 8000..192000, got {rate!r}")
-            if encoding not in ENCODINGS:
-                raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
-            if not isinstance(channels, int) or not 1 <= channels <= 8:
-                raise ValueError(f"channels must be an integer 1..8, got {channels!r}")
-            if not isinstance(options, dict):
-                raise ValueError("options must be a JSON object")
-            unknown = set(options) - {"vad", "normalize_gain"}
-            if unknown:
-                raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
-        except (ValueError, json.JSONDecodeError) as e:
-            return await fail("bad_config", str(e))
+        rate, encoding, channels, options = cfg.sample_rate, cfg.encoding, cfg.channels, cfg.options
 
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
@@ -211,55 +208,76 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
                     return
 
         send_task = asyncio.create_task(sender())
-        await ws.send_text(ev.dumps({**ev.ready_event(**service.info(), input={"sample_rate": rate,
-                                                                             "encoding": encoding,
-                                                                             "channels": channels}), "seq": -1}))
-        pipe.start()
         error = None
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg["type"] == "websocket.disconnect":
-                    break
-                data = msg.get("bytes")
-                if data is not None:
-                    if len(data) > limits.max_frame_bytes:
-                        error = ("frame_too_large", f"binary message of {len(data)} bytes exceeds "
-                                 f"{limits.max_frame_bytes}")
-                        break
-                    received += len(data)
-                    if received / bytes_per_second > limits.max_stream_seconds:
-                        error = ("stream_too_long", f"stream longer than {limits.max_stream_seconds} s")
-                        break
-                    try:
-                        pipe.push(data)
-                    except DSPError as e:
-                        error = ("bad_audio", str(e))
-                        break
-                    continue
-                t = msg.get("text")
-                try:
-                    ctl = json.loads(t) if t and len(t) <= MAX_CONFIG_BYTES else None
-                except json.JSONDecodeError:
-                    ctl = None
-                if isinstance(ctl, dict) and ctl.get("type") in ("end", "eof"):
-                    break
-                error = ("bad_message", "after the config, send binary audio frames or {\"type\": \"end\"}")
-                break
-        finally:
-            if error is not None:
-                await out.put({**ev.error_event(*error), "seq": -1})
-            pipe.close()
+        disconnected = started = False
+        try:  # (scheduler owner) the session count is released in `finally` even if this task is cancelled / dropped
             try:
-                await asyncio.wait_for(asyncio.shield(send_task), timeout=600)
-            except (asyncio.TimeoutError, Exception):
-                send_task.cancel()
+                # a send to a client that already went away can hang: bounded
+                await asyncio.wait_for(ws.send_text(ev.dumps({**ev.ready_event(
+                    **service.info(), input={"sample_rate": rate, "encoding": encoding, "channels": channels}),
+                    "seq": -1})), timeout=10)
+                pipe.start()
+                started = True
+                while True:
+                    msg = await ws.receive()
+                    if msg["type"] == "websocket.disconnect":
+                        disconnected = True
+                        break
+                    data = msg.get("bytes")
+                    if data is not None:
+                        if len(data) > limits.max_frame_bytes:
+                            error = ("frame_too_large", f"binary message of {len(data)} bytes exceeds "
+                                     f"{limits.max_frame_bytes}")
+                            break
+                        received += len(data)
+                        if received / bytes_per_second > limits.max_stream_seconds:
+                            error = ("stream_too_long", f"stream longer than {limits.max_stream_seconds} s")
+                            break
+                        try:
+                            pipe.push(data)
+                        except DSPError as e:
+                            error = ("bad_audio", str(e))
+                            break
+                        # backpressure: past MAX_BACKLOG_SECONDS of unprocessed audio stop reading the socket (TCP then
+                        # slows the client); nothing is dropped
+                        while (received / bytes_per_second - pipe.dsp.samples_out / service.sample_rate
+                               > MAX_BACKLOG_SECONDS and not pipe.done.is_set()):
+                            await asyncio.sleep(0.02)
+                        continue
+                    t = msg.get("text")
+                    try:
+                        ctl = json.loads(t) if t and len(t) <= MAX_CONFIG_BYTES else None
+                    except json.JSONDecodeError:
+                        ctl = None
+                    if isinstance(ctl, dict) and ctl.get("type") in ("end", "eof"):
+                        break
+                    error = ("bad_message", "after the config, send binary audio frames or {\"type\": \"end\"}")
+                    break
+            except (WebSocketDisconnect, asyncio.TimeoutError, RuntimeError, OSError):
+                disconnected = True  # the client went away (a send or receive on a closed socket)
+            finally:
+                if error is not None:
+                    out.put_nowait({**ev.error_event(*error), "seq": -1})  # before the pipeline's "end"
+                pipe.close()
+                if disconnected or not started:  # nobody to send the rest to / no pipeline to send "end"
+                    send_task.cancel()
+                else:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(send_task), timeout=600)
+                    except (asyncio.TimeoutError, Exception):
+                        send_task.cancel()
+                if ws.application_state == WebSocketState.CONNECTED:
+                    try:
+                        close_code = 1000 if error is None else protocol.ERRORS.get(error[0], 1008)
+                        await asyncio.wait_for(ws.close(code=close_code), timeout=10)
+                    except Exception:
+                        pass
+        except BaseException:
+            send_task.cancel()
+            raise
+        finally:
+            pipe.close()
             state["sessions"] -= 1
-            if ws.application_state == WebSocketState.CONNECTED:
-                try:
-                    await ws.close(code=1000 if error is None else 1008)
-                except Exception:
-                    pass
 
     routes = [
         Route("/", index),

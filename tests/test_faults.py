@@ -1,0 +1,263 @@
+"""Faults and bad input against a real server (uvicorn on 127.0.0.1, random:tiny, buffered): every bad client gets
+a clear error event and/or close code, the server keeps serving, and a good stream running through all of it gets
+exactly the transcript it gets alone. Everything is loopback, bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("websockets")
+pytest.importorskip("starlette")
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+RATE = 16000
+PARAMS = {"left_secs": 0.64, "chunk_secs": 0.32, "right_secs": 0.32}
+MAX_SESSIONS = 12
+MAX_FRAME = 64 * 1024
+TOKEN = "s3cret-token"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _Server:
+    def __init__(self, token=None):
+        import torch
+
+        from trt_asr.captions.service import CaptionService
+        from trt_asr.checkpoint import load_model
+        from trt_asr.serving.app import Limits, create_app
+
+        torch.manual_seed(0)
+        self.model = load_model("random:tiny")
+        svc = CaptionService(self.model, "buffered", dict(PARAMS))
+        app = create_app(svc, token, Limits(max_sessions=MAX_SESSIONS, max_frame_bytes=MAX_FRAME,
+                                            max_stream_seconds=600))
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.sock = sock
+        from trt_asr.cli.serve import _has_sansio  # the same WebSocket implementation as `trt-asr serve`
+
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", ws_max_size=4 * MAX_FRAME,
+                                                    lifespan="off", ws="websockets-sansio" if _has_sansio() else "auto"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5).json()
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = _Server()
+    yield s
+    s.stop()
+
+
+def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 1.7 * t)
+    x = env * (0.2 * np.sin(2 * np.pi * (180 + 40 * np.sin(t)) * t) + 0.05 * rng.standard_normal(t.size))
+    return x.astype(np.float32)
+
+
+def s16(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+async def run_client(url, config: dict | str | bytes | None, frames=(), end=True, read=True, pace: float = 0.0,
+                     timeout: float = 60.0, headers=None):
+    """One client: send config (dict -> JSON), frames (bytes or str), then {"type":"end"}; collect events until the
+    server closes. Returns (events, close_code, close_reason)."""
+    events = []
+    async with connect(url, max_size=2**22, open_timeout=10, additional_headers=headers) as ws:
+        async def reader():
+            try:
+                async for msg in ws:
+                    events.append(json.loads(msg))
+            except ConnectionClosed:
+                pass
+
+        task = asyncio.create_task(reader()) if read else None
+        try:
+            if config is not None:
+                await ws.send(json.dumps(config) if isinstance(config, dict) else config)
+            for f in frames:
+                await ws.send(f)
+                if pace:
+                    await asyncio.sleep(pace)
+            if end:
+                await ws.send(json.dumps({"type": "end"}))
+        except ConnectionClosed:
+            pass
+        if task is not None:
+            await asyncio.wait_for(task, timeout)
+        else:
+            await asyncio.sleep(0.2)
+            return events, None, None
+    return events, ws.close_code, ws.close_reason
+
+
+def finals_text(events) -> str:
+    return " ".join(e["text"] for e in events if e.get("type") == "final" and e.get("text")).strip()
+
+
+def errors(events):
+    return [e for e in events if e.get("type") == "error"]
+
+
+GOOD_CONFIG = {"sample_rate": RATE, "encoding": "pcm_s16le", "channels": 1, "options": {"vad": False}}
+GOOD_AUDIO = speech_like(4.0, seed=1)
+GOOD_FRAMES = [s16(GOOD_AUDIO[i:i + 1600]) for i in range(0, GOOD_AUDIO.size, 1600)]
+
+
+def test_good_stream_alone_then_under_faults(server):
+    """The reference: a good stream's finals alone, then the same stream while bad clients hit the server."""
+    alone, code, _ = asyncio.run(run_client(server.url, GOOD_CONFIG, GOOD_FRAMES))
+    assert code == 1000 and alone[-1]["type"] == "end" and not errors(alone)
+    ref = finals_text(alone)
+
+    big = b"\x00" * (MAX_FRAME + 2)
+    nan = np.array([0.1, np.nan, 0.2, np.inf], "<f4").tobytes()
+
+    async def storm():
+        bad = [
+            run_client(server.url, "{not json"),                                              # malformed JSON
+            run_client(server.url, {**GOOD_CONFIG, "languag": "en"}),                        # unknown field
+            run_client(server.url, {**GOOD_CONFIG, "sample_rate": 1000}),                    # wrong sample rate
+            run_client(server.url, {**GOOD_CONFIG, "sample_rate": "16k"}),
+            run_client(server.url, b"\x01\x02" * 800),                                         # binary before config
+            run_client(server.url, GOOD_CONFIG, [b"\x00" * 1601, b"\x00" * 3]),              # odd byte counts
+            run_client(server.url, GOOD_CONFIG, [big]),                                        # oversized frame
+            run_client(server.url, {**GOOD_CONFIG, "encoding": "f32le"}, [nan]),              # NaN / Inf samples
+            run_client(server.url, GOOD_CONFIG, ['{"type": "dance"}']),                        # unknown control
+            run_client(server.url, "[" * 3000),                                                # deep nesting
+        ]
+        good = run_client(server.url, GOOD_CONFIG, GOOD_FRAMES, pace=0.005)
+        return await asyncio.gather(good, *bad, return_exceptions=True)
+
+    good, *bad = asyncio.run(storm())
+    assert not isinstance(good, BaseException), good
+    events, code, _ = good
+    assert code == 1000 and not errors(events) and finals_text(events) == ref
+
+    names = ["bad_json", "unknown_field", "sample_rate", "sample_rate_type", "binary_first", "odd_bytes",
+             "oversized", "nan", "unknown_control", "deep_json"]
+    for name, result in zip(names, bad):
+        assert not isinstance(result, BaseException), (name, result)
+        events, code, reason = result
+        if name == "odd_bytes":  # frames may straddle messages: accepted, the stream ends normally
+            assert code == 1000 and events[-1]["type"] == "end", (name, events)
+            continue
+        errs = errors(events)
+        assert errs and errs[0]["message"], (name, events)
+        assert code not in (None, 1000), (name, code)
+        if name == "oversized":
+            assert errs[0]["code"] == "frame_too_large"
+        if name == "nan":
+            assert errs[0]["code"] == "bad_audio" and "NaN" in errs[0]["message"]
+        if name in ("unknown_field",):
+            assert "languag" in errs[0]["message"]
+    assert _wait_sessions(server, 0)
+
+
+def _wait_sessions(server, n, timeout=20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.health()["sessions"] == n:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_long_silence_fast_forwarded_bounded_memory(server):
+    """Three minutes of silence sent as fast as the socket takes it: the stream ends normally, memory stays flat."""
+    before = _rss_mb()
+    frame = b"\x00" * 32000  # 1 s of s16 silence
+    events, code, _ = asyncio.run(run_client(server.url, GOOD_CONFIG, [frame] * 180, timeout=120))
+    assert code == 1000 and events[-1]["type"] == "end" and not errors(events)
+    assert abs(events[-1]["audio_duration"] - 180) < 1
+    assert _rss_mb() - before < 300
+
+
+def test_disconnect_mid_utterance(server):
+    async def go():
+        async with connect(server.url) as ws:
+            await ws.send(json.dumps(GOOD_CONFIG))
+            for f in GOOD_FRAMES[:10]:
+                await ws.send(f)
+        # closed without "end": the server must clean up
+    asyncio.run(go())
+    assert _wait_sessions(server, 0)
+    events, code, _ = asyncio.run(run_client(server.url, GOOD_CONFIG, GOOD_FRAMES[:5]))
+    assert code == 1000
+
+
+def test_client_that_never_reads(server):
+    """Sends a minute of audio, never reads a byte, then drops the connection: the server frees everything."""
+    frames = [s16(speech_like(1.0, seed=i)) for i in range(60)]
+    asyncio.run(run_client(server.url, GOOD_CONFIG, frames, read=False))
+    assert _wait_sessions(server, 0, timeout=60)
+    events, code, _ = asyncio.run(run_client(server.url, GOOD_CONFIG, GOOD_FRAMES[:5]))
+    assert code == 1000
+
+
+def test_connection_flood(server):
+    """More connections than the limit at once: the excess are refused with 1013 and a clear error, the ones
+    admitted finish normally, and afterwards the server serves again."""
+    async def flood():
+        return await asyncio.gather(*[run_client(server.url, GOOD_CONFIG, GOOD_FRAMES[:8], pace=0.01)
+                                      for _ in range(MAX_SESSIONS * 3)], return_exceptions=True)
+
+    results = asyncio.run(flood())
+    ok = [r for r in results if not isinstance(r, BaseException) and r[1] == 1000]
+    refused = [r for r in results if not isinstance(r, BaseException) and r[1] == 1013]
+    assert len(ok) + len(refused) == len(results), [r for r in results if isinstance(r, BaseException)][:3]
+    assert 1 <= len(ok) and len(refused) >= 1
+    assert all(errors(r[0]) and errors(r[0])[0]["code"] in ("busy", "capacity") for r in refused)
+    assert _wait_sessions(server, 0)
+    assert asyncio.run(run_client(server.url, GOOD_CONFIG, GOOD_FRAMES[:5]))[1] == 1000
+
+
+def test_bearer_token_required():
+    from websockets.exceptions import InvalidStatus
+
+    s = _Server(token=TOKEN)
+    try:
+        for url, headers in ((s.url, None), (s.url + "?token=wrong", None),
+                             (s.url, {"Authorization": "Bearer " + TOKEN[:-1] + "X"})):
+            with pytest.raises((InvalidStatus, ConnectionClosed)):  # refused at the handshake (403) or closed 1008
+                events, code, _ = asyncio.run(run_client(url, GOOD_CONFIG, GOOD_FRAMES[:2], headers=headers))
+                assert code == 1008
+                raise ConnectionClosed(None, None)
+        events, code, _ = asyncio.run(run_client(s.url, GOOD_CONFIG, GOOD_FRAMES[:2],
+                                                 headers={"Authorization": f"Bearer {TOKEN}"}))
+        assert code == 1000
+        assert asyncio.run(run_client(s.url + "?token=" + TOKEN, GOOD_CONFIG, GOOD_FRAMES[:2]))[1] == 1000
+    finally:
+        s.stop()
