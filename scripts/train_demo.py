@@ -97,7 +97,7 @@ def synth(data: Path, seed: int, call: int, n_train: int, workers: int) -> None:
 class Batches:
     """Length-bucketed batches of at most `batch_seconds` of padded audio, reshuffled every epoch (seeded)."""
 
-    def __init__(self, lengths: np.ndarray, batch_seconds: float, seed: int, max_batch: int = 256):
+    def __init__(self, lengths: np.ndarray, batch_seconds: float, seed: int, max_batch: int = 512):
         self.lengths, self.seed = lengths, seed
         order = np.argsort(lengths, kind="stable")
         self.batches, cur = [], []
@@ -247,7 +247,7 @@ def train(args) -> None:
         pred, _ = model.decoder(y)  # LSTM in float32
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits = model.joint(enc.transpose(1, 2), pred)
-        loss = tdt_loss(logits, y, elen, tl, blank=tok.vocab_size, durations=DURATIONS, sigma=0.02, omega=0.1,
+        loss = tdt_loss(logits, y, elen, tl, blank=tok.vocab_size, durations=DURATIONS, sigma=0.02, omega=0.0,
                         reduction="mean_volume")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -406,8 +406,8 @@ def main(argv=None):
         s.add_argument("--minutes", type=float, default=6.5, help="training time of this command")
         s.add_argument("--resume", default=None, help="folder with tokenizer.model and <variant>.pt")
         s.add_argument("--lr", type=float, default=2e-3)
-        s.add_argument("--warmup", type=int, default=800)
-        s.add_argument("--batch-seconds", type=float, default=400.0)
+        s.add_argument("--warmup", type=int, default=500)
+        s.add_argument("--batch-seconds", type=float, default=800.0)
         s.add_argument("--val-every", type=float, default=75.0, help="seconds of training between validations")
         s.add_argument("--anneal-minutes", type=float, default=0.0, help="decay lr linearly over the last minutes")
         s.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32")

@@ -16,7 +16,7 @@ VARIANTS = ("buffered", "cache-aware")
 CACHE_AWARE_CONTEXTS = [[70, 13], [70, 6], [70, 1], [70, 0]]
 
 
-def demo_config(variant: str, vocab_size: int, d_model: int = 176, n_layers: int = 10, n_heads: int = 4,
+def demo_config(variant: str, vocab_size: int, d_model: int = 176, n_layers: int = 8, n_heads: int = 4,
                 pred_hidden: int = 256, joint_hidden: int = 256, features: int = 80) -> ModelConfig:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}")

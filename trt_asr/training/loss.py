@@ -53,30 +53,50 @@ def _forward(blank_arcs, label_arcs, T: int, B: int, U1: int, device) -> list[to
     """Forward variables alpha[t] [B, U+1] for t = 0..T-1.
 
     blank_arcs: list of (d >= 1, lp [B, T, U+1]) for blanks of duration d; label_arcs: list of (d >= 0, lp) for
-    labels of duration d (lp[..., u] = log-prob of emitting target u at node u)."""
-    alphas: list[torch.Tensor] = []
+    labels of duration d (lp[..., u] = log-prob of emitting target u at node u).
+
+    Arcs from earlier frames are gathered once into G[b, t, d-1, kind, u] = log-prob of the arc of duration d that
+    leaves (t-d, u) (kind 0: blank to (t, u); kind 1: label to (t, u+1)), so each frame costs a handful of
+    batched ops: alpha window + G[:, t] -> logsumexp -> closed-form scan for the duration-0 labels."""
+    dmax = max([d for d, _ in blank_arcs] + [d for d, _ in label_arcs] + [1])
+    neg = torch.full((B, T, U1), NEG, device=device)
+    by_d = [[neg, neg] for _ in range(dmax)]
+    for d, lp in blank_arcs:
+        by_d[d - 1][0] = torch.logaddexp(by_d[d - 1][0], lp) if by_d[d - 1][0] is not neg else lp
+    for d, lp in label_arcs:
+        if d >= 1:
+            by_d[d - 1][1] = torch.logaddexp(by_d[d - 1][1], lp) if by_d[d - 1][1] is not neg else lp
+    src = torch.stack([torch.stack(k, dim=2) for k in by_d], dim=2)  # [B, T(source), Dmax, 2, U+1]
+    # G[:, t, d-1] = src[:, t - d, d-1] (NEG where t - d < 0)
+    pad = torch.full((B, dmax, dmax, 2, U1), NEG, device=device)
+    src = torch.cat([pad, src], dim=1)  # source frame s sits at s + dmax
+    t_idx = torch.arange(T, device=device)[:, None] - torch.arange(1, dmax + 1, device=device)[None, :] + dmax
+    g = src[:, t_idx, torch.arange(dmax, device=device)[None, :]]  # [B, T, Dmax, 2, U+1]
+
     within = [lp for d, lp in label_arcs if d == 0]
-    w_all = within[0] if within else None
-    for extra in within[1:]:
-        w_all = torch.logaddexp(w_all, extra)
+    s_all = None
+    if within and U1 > 1:
+        w = within[0]
+        for extra in within[1:]:
+            w = torch.logaddexp(w, extra)
+        s_all = torch.cat([torch.zeros_like(w[..., :1]), torch.cumsum(w[..., : U1 - 1], dim=-1)], dim=-1)
+
     init = torch.full((B, U1), NEG, device=device)
     init[:, 0] = 0.0
+    neg_row = torch.full((B, U1), NEG, device=device)
+    alphas: list[torch.Tensor] = []
     for t in range(T):
-        terms = [init] if t == 0 else []
-        for d, lp in blank_arcs:
-            if t - d >= 0:
-                terms.append(alphas[t - d] + lp[:, t - d])
-        for d, lp in label_arcs:
-            if d >= 1 and t - d >= 0:
-                terms.append(_shift_u(alphas[t - d] + lp[:, t - d]))
-        if not terms:  # no arc reaches frame t (e.g. durations [0, 2, 3] at t = 1)
-            terms = [torch.full((B, U1), NEG, device=device)]
-        c = torch.logsumexp(torch.stack(terms), dim=0) if len(terms) > 1 else terms[0]
-        if w_all is not None and U1 > 1:
-            w = w_all[:, t, : U1 - 1]
-            s = torch.cat([torch.zeros_like(c[:, :1]), torch.cumsum(w, dim=1)], dim=1)  # S(u)
+        if t == 0:
+            c = init
+        else:
+            window = [alphas[t - d] if t - d >= 0 else neg_row for d in range(1, dmax + 1)]
+            wv = torch.stack(window, dim=1)[:, :, None, :]  # [B, Dmax, 1, U+1]
+            both = torch.logsumexp(wv + g[:, t], dim=1)  # [B, 2, U+1]: blank arcs, label arcs (at source u)
+            c = torch.logaddexp(both[:, 0], _shift_u(both[:, 1]))
+        if s_all is not None:
+            s = s_all[:, t]
             alpha = s + torch.logcumsumexp(c - s, dim=1)
-            alpha = torch.maximum(alpha, torch.full_like(alpha, NEG))  # keep "log 0" from drifting
+            alpha = torch.clamp(alpha, min=NEG)  # keep "log 0" from drifting
         else:
             alpha = c
         alphas.append(alpha)
