@@ -236,8 +236,11 @@ class ScheduledStream:
         self.samples_in = 0
         # inbox (client side, under scheduler._lock)
         self._inbox: deque[np.ndarray] = deque()
+        self._inbox_t: deque[float] = deque()  # arrival time of each piece (its newest sample)
+        self._last_arrival = self.opened_at  # arrival time of the newest audio handed to the mode
         self._inbox_samples = 0
         self._ended = False
+        self._ended_at: float | None = None
         self._closed = False
         self._close_reason: ErrorEvent | None = None
         # worker side
@@ -245,6 +248,7 @@ class ScheduledStream:
         self._end_sent = False
         self._pending_error: ErrorEvent | None = None  # sent after the finals (idle_timeout, stream_too_long)
         self.ready_since: float | None = None
+        self._ready_at: float | None = None
         self.finished = False
         self.steps = 0
         # outbox
@@ -313,9 +317,10 @@ class ScheduledStream:
     def end(self) -> None:
         """No more audio: the remaining audio is decoded and the last event has ``final=True``."""
         with self.scheduler._lock:
-            if self._closed:
+            if self._closed or self._ended:
                 return
             self._ended = True
+            self._ended_at = time.monotonic()
         self.scheduler._wake()
 
     def close(self, reason: ErrorEvent | None = None) -> None:
@@ -385,12 +390,15 @@ class ScheduledStream:
         self.last_audio_at = time.monotonic()
         self.samples_in += x.size
         piece = self.scheduler._piece_samples
+        now = self.last_audio_at
         if self._inbox and self._inbox[-1].size < piece:  # coalesce small client frames
             head = piece - self._inbox[-1].size
             self._inbox[-1] = np.concatenate([self._inbox[-1], x[:head]])
+            self._inbox_t[-1] = now
             x = x[head:]
         for i in range(0, x.size, piece):  # split big ones (views)
             self._inbox.append(x[i:i + piece])
+            self._inbox_t.append(now)
         self._recount()
 
     def _recount(self) -> None:
@@ -400,6 +408,7 @@ class ScheduledStream:
         if not self._inbox:
             return None
         p = self._inbox.popleft()
+        self._last_arrival = self._inbox_t.popleft()
         self._inbox_samples -= p.size
         if self.has_room():
             self._cond.notify_all()
@@ -614,8 +623,10 @@ class StreamScheduler:
                 if not st._ended and c.idle_timeout is not None and now - st.last_audio_at > c.idle_timeout:
                     self._end_with(st, "idle_timeout", f"no audio for {c.idle_timeout:g} s; stream ended")
                 if self.mode.ready(state) and not st.finished:
-                    if st.ready_since is None:
+                    if st.ready_since is None:  # scheduling order: when the scheduler saw it ready (round robin)
                         st.ready_since = now
+                        # latency: ready since the newest audio it holds arrived (or it ended)
+                        st._ready_at = min(now, max(st._last_arrival, st._ended_at or 0.0))
                     ready.append(st)
             except Exception as e:  # a bad stream (e.g. its mode state) never stops the others
                 self._close_stream(st, ErrorEvent("engine_error", f"stream {st.id}: {type(e).__name__}: {e}"))
@@ -626,6 +637,7 @@ class StreamScheduler:
         with self._lock:
             st._ended = True
             st._inbox.clear()
+            st._inbox_t.clear()
             st._recount()
             st._pending_error = ErrorEvent(code, message)
         if not st._end_sent and st.session is not None:
@@ -675,7 +687,7 @@ class StreamScheduler:
             except Exception as e:
                 failed.append((st, e))
                 continue
-            s.event_latency.append(now - (st.ready_since or now))
+            s.event_latency.append(now - (st._ready_at or now))
             st.ready_since = None
             if result.finished and st._pending_error is not None:
                 events.append(st._pending_error)
@@ -717,6 +729,7 @@ class StreamScheduler:
             st._closed = True
             st._close_reason = reason
             st._inbox.clear()
+            st._inbox_t.clear()
             st._recount()
             if reason is not None and notify:
                 st._events.append(reason)
