@@ -25,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--jsonl", default=None, help="write every event as a JSON line here ('-': stdout)")
     p.add_argument("--stats", action="store_true", help="print latency (p50/p95) and stability at the end")
     p.add_argument("--quiet", action="store_true", help="no terminal captions")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up stream before capture starts")
     from ..captions.service import add_model_args
 
     add_model_args(p)
@@ -81,6 +82,8 @@ def run(args) -> int:
         elif event["type"] == "error":
             errors.append(event)
 
+    if not args.no_warmup:
+        svc.warmup()
     pipe = svc.pipeline(emit, info.sample_rate, info.channels).start()
     try:
         for x in chunks:

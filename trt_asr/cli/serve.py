@@ -17,6 +17,7 @@ def register(sub) -> None:
                    "WebSocket); default: $TRT_ASR_TOKEN if set")
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent WebSocket streams")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="POST /v1/audio/transcriptions limit")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up stream at start-up")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     from ..captions.service import add_model_args
 
@@ -46,6 +47,8 @@ def run(args) -> int:
         return 2
     if svc.model_name.startswith("random:"):
         print(f"note: model {svc.model_name} has RANDOM weights; its captions are meaningless", file=sys.stderr)
+    if not args.no_warmup:
+        svc.warmup()
     limits = Limits(max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
     app = create_app(svc, token, limits)
     print(f"trt-asr serve: http://{args.host}:{args.port}/ (model {svc.model_name}, mode {svc.mode})",
