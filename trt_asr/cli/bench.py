@@ -1,0 +1,504 @@
+"""``trt-asr bench load``: many concurrent real-time streams against one engine; latency, capacity, correctness.
+
+    trt-asr bench load --streams 8 --duration 30 --model random:tiny --summary-json load.json
+    trt-asr bench load --streams 4,8,16,32 --duration 20 --mode cache-aware --chunk-ms 160 --in-process
+    trt-asr bench load --streams 16 --duration 30 --url ws://127.0.0.1:8000/v1/stream
+
+Through the server (default): starts its own server process on 127.0.0.1 (unless ``--url``) and runs K WebSocket
+clients in one event loop, each replaying its own audio paced in real time (``--frame-ms`` frames, starts staggered
+over one chunk). ``--in-process``: the same streams pushed straight into a ``StreamScheduler`` (no network, no JSON,
+no caption pipeline), so the engine+scheduler cost and the serving cost are seen apart.
+
+Event latency = when an event arrived - when the last audio it needed was sent (server: the event's ``audio_end``
+mapped to the send time of that sample; in-process: the arrival of the audio that made the chunk ready). A run
+*sustains* K streams when every stream finished without error, no audio was lost, and p99 event latency stayed
+under the budget (default: the chunk duration). With several K (``--streams 4,8,16``) it stops after the first K
+that is not sustained and reports the largest sustained K.
+
+Correctness: every stream's committed transcript is compared word by word with the same audio streamed alone
+through the same mode (batched == alone is exact in both modes; in cache-aware mode with a streaming-trained model
+that is also the offline transcript). ``duplicated_words`` / ``lost_words`` count the differences;
+``lost_audio_seconds`` compares the audio sent with the audio the server (or mode) received.
+
+Bounded: at most ``--max-streams`` (default 512) clients, every run ends after duration + ``--drain-timeout``;
+traffic goes to loopback only unless ``--url`` names another host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+RATE = 16000
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (load: many concurrent streams)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCH")
+    lp = bsub.add_parser("load", help="K concurrent real-time streams: latency, capacity, lost/duplicated audio",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lp.add_argument("--streams", default="8", help="K, or a comma list to sweep (stops at the first K not sustained)")
+    lp.add_argument("--duration", type=float, default=30.0, help="seconds of audio per stream")
+    lp.add_argument("--url", default=None, help="an existing server's ws://.../v1/stream (default: start one)")
+    lp.add_argument("--token", default=None, help="bearer token for --url")
+    lp.add_argument("--model", default=None, help="model spec (default: the demo model / random v3)")
+    lp.add_argument("--mode", default="buffered", choices=["buffered", "cache-aware"])
+    lp.add_argument("--left-secs", type=float, default=10.0, help="buffered")
+    lp.add_argument("--chunk-secs", type=float, default=2.0, help="buffered")
+    lp.add_argument("--right-secs", type=float, default=2.0, help="buffered")
+    lp.add_argument("--chunk-ms", type=float, default=560.0, help="cache-aware chunk (multiple of the 80 ms frame)")
+    lp.add_argument("--left-frames", type=int, default=70, help="cache-aware left attention context (frames)")
+    lp.add_argument("--in-process", action="store_true", help="no network: streams go straight to the scheduler")
+    lp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    lp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    lp.add_argument("--max-batch", type=int, default=64, help="scheduler: streams per step at most")
+    lp.add_argument("--frame-ms", type=float, default=100.0, help="client frame size")
+    lp.add_argument("--audio", nargs="*", default=None, help="audio files to replay (default: synthetic speech)")
+    lp.add_argument("--latency-budget-ms", type=float, default=None, help="default: the chunk duration")
+    lp.add_argument("--drain-timeout", type=float, default=60.0, help="seconds after the last audio to wait")
+    lp.add_argument("--no-check", action="store_true", help="skip the transcript comparison")
+    lp.add_argument("--max-streams", type=int, default=512, help="safety bound on K")
+    lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--summary-json", default=None, help="write the summary here")
+    lp.set_defaults(func=run_load)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def percentiles_ms(values) -> dict:
+    if not len(values):
+        return {"p50": None, "p95": None, "p99": None, "max": None, "n": 0}
+    a = np.asarray(values, dtype=np.float64) * 1000
+    return {"p50": round(float(np.percentile(a, 50)), 2), "p95": round(float(np.percentile(a, 95)), 2),
+            "p99": round(float(np.percentile(a, 99)), 2), "max": round(float(a.max()), 2), "n": int(a.size)}
+
+
+def mode_params(args) -> tuple[str, dict, float]:
+    """(session mode name, mode params, chunk seconds)."""
+    if args.mode == "buffered":
+        return "buffered", {"left_secs": args.left_secs, "chunk_secs": args.chunk_secs,
+                            "right_secs": args.right_secs}, args.chunk_secs
+    frames = max(1, int(round(args.chunk_ms / 80.0)))
+    return "cache_aware", {"chunk_size": frames, "att_context_size": [args.left_frames, frames - 1],
+                           "allow_inexact": True}, frames * 0.08
+
+
+def load_source_audio(paths, seconds_needed: float, seed: int) -> np.ndarray:
+    if paths:
+        from ..audio import load_audio
+
+        x = np.concatenate([load_audio(p, RATE) for p in paths])
+    else:
+        try:
+            from ..captions.testaudio import synthetic_speech
+        except ImportError:  # pragma: no cover
+            synthetic_speech = None
+        n = max(seconds_needed, 1.0)
+        if synthetic_speech is not None:
+            x = synthetic_speech(n, RATE, seed)
+        else:
+            rng = np.random.default_rng(seed)
+            x = (0.1 * rng.standard_normal(int(n * RATE))).astype(np.float32)
+    reps = int(np.ceil(seconds_needed * RATE / max(x.size, 1)))
+    return np.tile(x, max(reps, 1)).astype(np.float32)
+
+
+def stream_audios(args, k: int) -> list[np.ndarray]:
+    """K different clips of ``duration`` s (different offsets into the source)."""
+    n = int(args.duration * RATE)
+    src = load_source_audio(args.audio, args.duration + 7.3 * k + 1, args.seed)
+    hop = int(7.3 * RATE)
+    # on the s16 grid: what a pcm_s16le client sends is exactly this audio (so the reference sees the same samples)
+    return [(np.round(np.clip(src[(i * hop) % max(src.size - n, 1):][:n], -1, 32767 / 32768) * 32768) / 32768)
+            .astype(np.float32) for i in range(k)]
+
+
+def words_diff(got: str, ref: str) -> tuple[int, int]:
+    """(duplicated = extra words, lost = missing words) of got vs ref."""
+    a, b = ref.split(), got.split()
+    dup = lost = 0
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op in ("replace", "delete"):
+            lost += i2 - i1
+        if op in ("replace", "insert"):
+            dup += j2 - j1
+    return dup, lost
+
+
+class GPUSampler:
+    """GPU utilisation (%) sampled every 0.25 s with nvidia-smi (or torch.cuda.utilization)."""
+
+    def __init__(self, device: str):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self.enabled = device == "cuda"
+        self._thread = threading.Thread(target=self._run, daemon=True) if self.enabled else None
+
+    def _read(self):
+        if shutil.which("nvidia-smi"):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                  "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]],
+                                 capture_output=True, text=True, timeout=5).stdout.strip().splitlines()
+            return float(out[0]) if out else None
+        import torch
+
+        return float(torch.cuda.utilization())
+
+    def _run(self):
+        while not self._stop.wait(0.25):
+            try:
+                v = self._read()
+            except Exception:
+                return
+            if v is not None:
+                self.samples.append(v)
+
+    def __enter__(self):
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join(2)
+
+    def summary(self):
+        if not self.samples:
+            return None
+        a = np.asarray(self.samples)
+        return {"mean": round(float(a.mean()), 1), "p95": round(float(np.percentile(a, 95)), 1),
+                "max": round(float(a.max()), 1), "n": int(a.size)}
+
+
+def reference_texts(model, mode: str, params: dict, audios) -> list[str]:
+    """Each audio streamed alone through the same mode (batched == alone, exactly)."""
+    from ..streaming.session import stream_tokens
+
+    toks = stream_tokens(model, audios, mode, **params)
+    return [_detok(model, [t.id for t in ts]) for ts in toks]
+
+
+def _detok(model, ids) -> str:
+    tok = getattr(model, "tokenizer", None)
+    return tok.decode(ids).strip() if tok is not None else " ".join(map(str, ids))
+
+
+# ----------------------------------------------------------------------------------------------- in-process
+def run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float) -> dict:
+    import torch
+
+    from ..streaming.scheduler import SchedulerConfig, StreamScheduler
+    from ..streaming.session import Recognizer
+
+    audios = stream_audios(args, k)
+    rec = Recognizer(model, mode, **params)
+    sched = StreamScheduler(rec, SchedulerConfig(max_streams=k, max_batch=args.max_batch, idle_timeout=None,
+                                                 max_buffer_seconds=max(30.0, 4 * chunk_s)))
+    frame = int(args.frame_ms / 1000 * RATE)
+    rng = np.random.default_rng(args.seed)
+    offsets = rng.uniform(0, chunk_s, k)
+    n_frames = [int(np.ceil(a.size / frame)) for a in audios]
+    streams = [sched.open() for _ in range(k)]
+    committed = [[] for _ in range(k)]
+    errors: list[str] = []
+    refused_pushes = 0
+    torch.set_grad_enabled(False)
+    gpu = GPUSampler(args.device)
+    sched.start()
+    t0 = time.monotonic() + 0.2
+    sent = [0] * k
+    with gpu:
+        pending = sorted((offsets[i] + j * args.frame_ms / 1000, i, j) for i in range(k) for j in range(n_frames[i]))
+        backlog: list = []
+        deadline_total = t0 + args.duration + chunk_s + args.drain_timeout
+        for when, i, j in pending:
+            delay = t0 + when - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            piece = audios[i][j * frame:(j + 1) * frame]
+            # a stream whose buffer is full keeps its audio and retries (backpressure; nothing dropped)
+            backlog = [(bi, bp) for bi, bp in backlog if not streams[bi].push(bp, block=False)]
+            if not streams[i].push(piece, block=False):
+                refused_pushes += 1
+                backlog.append((i, piece))
+            sent[i] += piece.size
+            if j == n_frames[i] - 1 and not any(bi == i for bi, _ in backlog):
+                streams[i].end()
+            if time.monotonic() > deadline_total:
+                errors.append("timeout while sending")
+                break
+        while backlog and time.monotonic() < deadline_total:
+            backlog = [(bi, bp) for bi, bp in backlog if not streams[bi].push(bp, block=True, timeout=1)]
+        for st in streams:
+            st.end()
+        audio_end_wall = time.monotonic()
+        for i, st in enumerate(streams):
+            left = max(0.1, deadline_total - time.monotonic())
+            for ev in st.events(timeout=left):
+                if getattr(ev, "code", None):
+                    errors.append(f"stream {i}: {ev.code}: {ev.message}")
+                else:
+                    committed[i].extend(t.id for t in ev.committed)
+            if not st.done:
+                errors.append(f"stream {i}: no final within the drain timeout")
+        drain_s = time.monotonic() - audio_end_wall
+    received = [getattr(st.session.state, "received", None) if st.session is not None else None for st in streams]
+    sched.stop(drain=False)
+    stats = sched.stats.summary()
+    lat = percentiles_ms(list(sched.stats.event_latency))
+    step = percentiles_ms(list(sched.stats.step_seconds))
+    lost_audio = sum(abs(s - r) for s, r in zip(sent, received) if r is not None) / RATE
+    texts = [_detok(model, ids) for ids in committed]
+    return {"audios": audios, "texts": texts, "errors": errors, "latency": lat, "step_latency": step,
+            "lost_audio_seconds": lost_audio, "gpu_utilization": gpu.summary(), "drain_seconds": round(drain_s, 3),
+            "refused_pushes": refused_pushes, "scheduler": stats,
+            "sent_seconds": sum(sent) / RATE}
+
+
+# ----------------------------------------------------------------------------------------------- server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, mode: str, params: dict, max_sessions: int):
+    """Our own server process on 127.0.0.1 (the app of ``trt-asr serve`` with these mode params)."""
+    port = _free_port()
+    spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "mode": mode, "params": params,
+            "port": port, "max_sessions": max_sessions}
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"trt_asr_bench_server_{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", "from trt_asr.cli.bench import _serve_main; _serve_main()",
+                             json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"ws://127.0.0.1:{port}/v1/stream"
+    deadline = time.monotonic() + 300
+    import httpx
+
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, url, log.name
+        except Exception:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start within 300 s")
+
+
+def _serve_main() -> None:
+    spec = json.loads(sys.argv[1])
+    import uvicorn
+
+    from ..captions.service import CaptionService
+    from ..checkpoint import load_model
+    from ..serving.app import MAX_FRAME_BYTES, Limits, create_app
+    from .serve import _has_sansio
+
+    model = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
+    if spec["model"]:
+        model.name = spec["model"]
+    svc = CaptionService(model, spec["mode"].replace("_", "-"), spec["params"], commit="engine", endpoint_ms=None)
+    app = create_app(svc, None, Limits(max_sessions=spec["max_sessions"]))
+    uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning", ws_max_size=4 * MAX_FRAME_BYTES,
+                ws="websockets-sansio" if _has_sansio() else "auto")
+
+
+async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, timeout: float, out: dict):
+    from websockets.asyncio.client import connect
+
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    frames = [audio[i:i + frame] for i in range(0, audio.size, frame)]
+    send_t = np.zeros(len(frames))
+    ends = np.cumsum([f.size for f in frames]) / RATE
+    lat: list[float] = []
+    finals: list[dict] = []
+    errors: list[str] = []
+    end_ev = None
+    try:
+        async with connect(url, max_size=2**24, open_timeout=30, additional_headers=headers,
+                           ping_interval=None) as ws:
+            await ws.send(json.dumps({"sample_rate": RATE, "encoding": "pcm_s16le", "channels": 1,
+                                      "options": {"vad": False}}))
+            first = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if first.get("type") != "ready":
+                errors.append(f"{first.get('code')}: {first.get('message')}")
+                out.update(lat=lat, finals=finals, errors=errors, end=None, sent=0.0)
+                return
+
+            async def reader():
+                nonlocal end_ev
+                async for msg in ws:
+                    now = time.monotonic()
+                    e = json.loads(msg)
+                    t = e.get("type")
+                    if t in ("partial", "final") and e.get("audio_end") is not None:
+                        idx = int(np.searchsorted(ends, e["audio_end"] - 1e-6))
+                        if idx < len(frames) and send_t[idx] > 0:
+                            lat.append(now - send_t[idx])
+                    if t == "final":
+                        finals.append(e)
+                    elif t == "error":
+                        errors.append(f"{e.get('code')}: {e.get('message')}")
+                    elif t == "end":
+                        end_ev = e
+
+            rtask = asyncio.create_task(reader())
+            for i, f in enumerate(frames):
+                delay = start_at + i * frame / RATE - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                send_t[i] = time.monotonic()
+                await ws.send(np.round(f * 32768).clip(-32768, 32767).astype("<i2").tobytes())
+            await ws.send(json.dumps({"type": "end"}))
+            try:
+                await asyncio.wait_for(rtask, timeout)
+            except asyncio.TimeoutError:
+                errors.append("no end event within the drain timeout")
+    except Exception as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    text = ""
+    for f in finals:
+        piece = (f.get("text") or "").strip()
+        if piece:
+            text = text + piece if (f.get("continues_word") and text) else (text + " " + piece).strip()
+    out.update(lat=lat, text=text, errors=errors, end=end_ev, sent=audio.size / RATE)
+
+
+def run_server(args, url: str, k: int, chunk_s: float) -> dict:
+    audios = stream_audios(args, k)
+    frame = int(args.frame_ms / 1000 * RATE)
+    rng = np.random.default_rng(args.seed)
+    offsets = rng.uniform(0, chunk_s, k)
+    results = [dict() for _ in range(k)]
+    gpu = GPUSampler(args.device)
+
+    async def main():
+        t0 = time.monotonic() + 1.0
+        await asyncio.gather(*[_client(url, a, frame, t0 + o, args.token, args.drain_timeout + chunk_s, r)
+                               for a, o, r in zip(audios, offsets, results)])
+
+    with gpu:
+        t_start = time.monotonic()
+        asyncio.run(asyncio.wait_for(main(), args.duration + chunk_s + args.drain_timeout + 60))
+        wall = time.monotonic() - t_start
+    lat = [x for r in results for x in r.get("lat", [])]
+    errors = [f"stream {i}: {e}" for i, r in enumerate(results) for e in r.get("errors", [])]
+    lost = 0.0
+    for r in results:
+        if r.get("end") is not None:
+            lost += abs(r["sent"] - float(r["end"].get("audio_duration", 0.0)))
+        else:
+            lost += r.get("sent", 0.0)
+    return {"audios": audios, "texts": [r.get("text", "") for r in results], "errors": errors,
+            "latency": percentiles_ms(lat), "step_latency": None, "lost_audio_seconds": round(lost, 3),
+            "gpu_utilization": gpu.summary(), "wall_seconds": round(wall, 2), "sent_seconds": args.duration * k}
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def run_load(args) -> int:
+    ks = [int(x) for x in str(args.streams).split(",") if x.strip()]
+    if not ks or min(ks) < 1 or max(ks) > args.max_streams:
+        print(f"error: --streams must be 1..{args.max_streams}", file=sys.stderr)
+        return 2
+    if args.url and not args.url.startswith(("ws://127.0.0.1", "ws://localhost", "ws://[::1]")):
+        print(f"note: sending load to a non-loopback server {args.url}", file=sys.stderr)
+    mode, params, chunk_s = mode_params(args)
+    budget_s = (args.latency_budget_ms / 1000) if args.latency_budget_ms else chunk_s
+    need_model = args.in_process or not args.url or not args.no_check
+    model = None
+    if need_model and (args.model or not args.url):
+        import torch
+
+        from ..checkpoint import load_model
+
+        torch.set_grad_enabled(False)
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
+    proc = None
+    url = args.url
+    server_log = None
+    runs = []
+    try:
+        if not args.in_process and not url:
+            proc, url, server_log = start_server(args, mode, params, max(ks) + 2)
+        for k in ks:
+            t0 = time.monotonic()
+            if args.in_process:
+                r = run_in_process(model, args, k, mode, params, chunk_s)
+            else:
+                r = run_server(args, url, k, chunk_s)
+            dup = lost_words = 0
+            checked = False
+            if model is not None and not args.no_check:
+                refs = reference_texts(model, mode, params, r["audios"])
+                for got, ref in zip(r["texts"], refs):
+                    d, l = words_diff(got, ref)
+                    dup += d
+                    lost_words += l
+                checked = True
+            p99 = r["latency"]["p99"]
+            sustained = (not r["errors"] and r["lost_audio_seconds"] < 1e-3 and p99 is not None
+                         and p99 <= budget_s * 1000 and dup == 0 and lost_words == 0)
+            run = {"streams": k, "sustained": sustained, "streams_sustained": k if sustained else 0,
+                   "lost_audio_seconds": round(r["lost_audio_seconds"], 4), "duplicated_words": dup,
+                   "lost_words": lost_words, "transcripts_checked": checked,
+                   "p50_latency_ms": r["latency"]["p50"], "p95_latency_ms": r["latency"]["p95"],
+                   "p99_latency_ms": p99, "event_latency_ms": r["latency"], "step_latency_ms": r["step_latency"],
+                   "gpu_utilization": r["gpu_utilization"], "errors": r["errors"][:20],
+                   "n_errors": len(r["errors"]), "seconds": round(time.monotonic() - t0, 2)}
+            for key in ("scheduler", "refused_pushes", "drain_seconds", "wall_seconds"):
+                if key in r:
+                    run[key] = r[key]
+            runs.append(run)
+            print(f"K={k:4d} sustained={sustained!s:5} p50={run['p50_latency_ms']} p99={p99} ms "
+                  f"lost_audio={run['lost_audio_seconds']} s dup_words={dup} lost_words={lost_words} "
+                  f"errors={len(r['errors'])} gpu={r['gpu_utilization']}", file=sys.stderr, flush=True)
+            if not sustained and len(ks) > 1:
+                break
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    best = max((r for r in runs if r["sustained"]), key=lambda r: r["streams"], default=runs[-1] if runs else {})
+    import torch
+
+    summary = {
+        "streams_sustained": best.get("streams_sustained", 0),
+        "lost_audio_seconds": best.get("lost_audio_seconds"),
+        "duplicated_words": best.get("duplicated_words"),
+        "p50_latency_ms": best.get("p50_latency_ms"),
+        "p99_latency_ms": best.get("p99_latency_ms"),
+        "latency_budget_ms": round(budget_s * 1000, 1),
+        "path": "in-process" if args.in_process else ("server:" + (args.url or "own 127.0.0.1 server")),
+        "mode": mode, "mode_params": params, "model": args.model or "default", "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
+        "dtype": args.dtype, "duration_s": args.duration, "frame_ms": args.frame_ms, "max_batch": args.max_batch,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
+        "runs": runs,
+    }
+    if server_log:
+        summary["server_log"] = server_log
+    text = json.dumps(summary, indent=2)
+    if args.summary_json:
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_json).write_text(text + "\n")
+    print(text)
+    return 0 if runs and runs[0]["sustained"] or not runs else 1
