@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import srt
 import webvtt
@@ -143,3 +144,60 @@ def test_live_stdin_pcm_gives_the_same_finals_as_the_file(tmp_path, speech_wav):
         assert r.returncode == 0, r.stderr.decode()
         outs.append(join_finals([e for e in map(json.loads, out.read_text().splitlines()) if e["type"] == "final"]))
     assert outs[0] and outs[0] == outs[1]
+
+
+# ---------------------------------------------------------------------------------------- pipeline pieces
+def test_pcm_decoder_frames_straddle_messages():
+    from trt_asr.captions.dsp import PCMDecoder
+
+    x = (np.arange(-50, 50, dtype="<i2") * 300).reshape(-1, 2)
+    raw = x.tobytes()
+    dec = PCMDecoder("pcm_s16le", 2)
+    parts = [dec.decode(raw[i:i + 7]) for i in range(0, len(raw), 7)]
+    got = np.concatenate(parts)
+    assert np.array_equal(got, x.astype(np.float32) / 32768.0)
+
+
+def test_stream_resampler_is_chunking_invariant():
+    from trt_asr.captions.dsp import StreamResampler
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((44100, 2)).astype(np.float32) * 0.1
+    outs = []
+    for sizes in ([44100], [1, 999, 4410, 100, 38590], [441] * 100):
+        rs, pos, parts = StreamResampler(44100, 16000), 0, []
+        for n in sizes:
+            parts.append(rs.process(x[pos:pos + n]))
+            pos += n
+        parts.append(rs.process(np.zeros((0, 2), np.float32), last=True))
+        outs.append(np.concatenate(parts))
+    assert abs(outs[0].size - 16000) <= 1
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+
+
+def test_energy_vad_marks_utterance_ends():
+    from trt_asr.captions.dsp import EnergyVAD
+    from trt_asr.captions.testaudio import synthetic_speech
+
+    rate = 16000
+    speech = synthetic_speech(1.5, rate, seed=1)
+    quiet = np.random.default_rng(0).standard_normal(rate).astype(np.float32) * 1e-4
+    audio = np.concatenate([quiet, speech, quiet, speech, quiet])
+    vad = EnergyVAD(rate=rate, hangover_ms=600)
+    events = []
+    for i in range(0, audio.size, 320 * 3 + 17):  # odd block sizes
+        events += vad.process(audio[i:i + 320 * 3 + 17])
+    ends = [e for e in events if e.kind == "endpoint"]
+    starts = [e for e in events if e.kind == "speech_start"]
+    assert len(ends) == len(starts) == 2
+    first_end = (rate + speech.size) / rate
+    assert abs(ends[0].time - first_end) < 0.35 and ends[0].detected_at - ends[0].time >= 0.6 - 0.021
+
+
+def test_mic_source_without_sounddevice_says_how_to_install(monkeypatch):
+    from trt_asr.captions.sources import mic_source
+
+    monkeypatch.setitem(sys.modules, "sounddevice", None)
+    with pytest.raises(RuntimeError, match=r"\[mic\]"):
+        mic_source()
