@@ -377,8 +377,10 @@ class CacheAwareMode:
     name = "cache_aware"
 
     def __init__(self, model, *, engine=None, params: CacheAwareParams | None = None, allow_inexact: bool = False,
-                 **param_kwargs):
+                 chunk_frames: int | None = None, **param_kwargs):
         self.model = model
+        if chunk_frames is not None:  # the CLI's name for NeMo's chunk_size (encoder frames)
+            param_kwargs["chunk_size"] = chunk_frames
         self.params = params or CacheAwareParams.for_encoder(model.cfg.encoder, allow_inexact=allow_inexact,
                                                              **param_kwargs)
         if self.params.shift_size != self.params.chunk_size:

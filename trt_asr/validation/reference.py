@@ -8,6 +8,7 @@ Two sources with one interface (iterate -> ``RefChunk``):
 
       DIR/index.json               model spec, mode, streaming params, contract hash, seed, batch, chunks, shards
       DIR/shard-00000.safetensors  keys "<chunk>/<in|out>/<name>" for the shard's chunks; tokens in index.json
+                                   (input caches only for chunk 0: chunk k's are chunk k-1's output caches)
 
 Inputs are seeded Gaussian log-mel-like features (or a given feature sequence): the stream's chunk k's new frames
 come from one ``torch.Generator`` in order, so chunk k of a 1,000-chunk run never needs the whole sequence in memory.
@@ -165,9 +166,11 @@ def write_reference(source: LiveReference, out_dir: str | Path, chunks_per_shard
     for chunk in source:
         k = chunk.index
         for n, t in chunk.inputs.items():
-            buf[f"{k}/in/{n}"] = t.detach().cpu().contiguous()
+            if k > 0 and n in CACHE_NAMES:
+                continue  # a chunk's input caches are the previous chunk's outputs (closed-loop reference)
+            buf[f"{k}/in/{n}"] = t.detach().cpu().clone(memory_format=torch.contiguous_format)
         for n, t in chunk.outputs.items():
-            buf[f"{k}/out/{n}"] = t.detach().cpu().contiguous()
+            buf[f"{k}/out/{n}"] = t.detach().cpu().clone(memory_format=torch.contiguous_format)
         tokens.append(chunk.tokens)
         if (k + 1) % chunks_per_shard == 0:
             flush(k)
@@ -210,10 +213,14 @@ class DiskReference:
     def __iter__(self) -> Iterator[RefChunk]:
         from safetensors.torch import load_file
 
+        prev = None
         for shard in self.index["shards"]:
             data = load_file(str(self.dir / shard["file"]))
             for k in range(shard["first_chunk"], shard["last_chunk"] + 1):
                 inputs = {key.split("/", 2)[2]: v for key, v in data.items() if key.startswith(f"{k}/in/")}
                 outputs = {key.split("/", 2)[2]: v for key, v in data.items() if key.startswith(f"{k}/out/")}
+                if prev is not None:
+                    inputs.update({n: prev[_next(n)] for n in CACHE_NAMES})
+                prev = outputs
                 tokens = self.index["tokens"][k] if k < len(self.index["tokens"]) else []
                 yield RefChunk(k, inputs, outputs, [[tuple(t) for t in s] for s in tokens])

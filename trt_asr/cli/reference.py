@@ -1,0 +1,55 @@
+"""``trt-asr reference``: write a reference stream (per-chunk inputs, caches, outputs and greedy tokens of the fp32
+reference engine) as safetensors shards + index.json, for ``trt-asr parity --ref DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .contract import add_model_args, add_stream_args, stream_params
+
+
+def add_reference_args(p) -> None:
+    p.add_argument("--chunks", type=int, default=50, help="chunks to stream")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic mel features")
+    p.add_argument("--batch", type=int, default=1, help="streams per step")
+    p.add_argument("--reference-engine", choices=["torch", "nemo"], default="torch",
+                   help="torch: fp32 eager reference engine; nemo: NeMo's cache_aware_stream_step (same weights)")
+
+
+def load_for_reference(args):
+    """(model, params) for the CLI args; the model's attention context follows --att-context."""
+    from ..checkpoint import load_model
+
+    model = load_model(args.model)
+    params = stream_params(model.cfg.encoder, args)
+    return model, params
+
+
+def register(sub) -> None:
+    p = sub.add_parser("reference", help="write a cache-aware reference stream for parity", description=__doc__,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--mode", choices=["cache-aware"], default="cache-aware",
+                   help="buffered windows are stateless: compare them with `parity --live`-style window checks")
+    add_stream_args(p)
+    add_reference_args(p)
+    p.add_argument("--chunks-per-shard", type=int, default=256)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..streaming.cache_aware import NonCausalStreamingError
+    from ..validation.reference import LiveReference, write_reference
+
+    try:
+        model, params = load_for_reference(args)
+    except (NonCausalStreamingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ref = LiveReference(model, params, args.chunks, batch=args.batch, seed=args.seed, model_spec=args.model,
+                        engine=args.reference_engine)
+    path = write_reference(ref, args.out, chunks_per_shard=args.chunks_per_shard)
+    print(f"wrote {args.chunks} chunks x {args.batch} streams to {path.parent} (index {path.name})")
+    return 0
