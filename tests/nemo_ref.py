@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import torch
 
 
 def _quiet_nemo() -> None:
-    os.environ.setdefault("NEMO_TESTING", "1")
     for name in ("nemo_logger", "nemo", "NeMo"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
