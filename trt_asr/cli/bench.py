@@ -192,6 +192,16 @@ def reference_texts(model, mode: str, params: dict, audios) -> list[str]:
     return [_detok(model, [t.id for t in ts]) for ts in toks]
 
 
+def _streamable_features(model, mode: str) -> bool:
+    """Cache-aware mode with a per-feature-normalised model (v3): normalisation over "the audio so far" depends on
+    arrival timing, so streamed != alone. Cache-aware models use unnormalised features (NeMo); do the same here so
+    the figures measure the engine and the transcripts can be checked. Returns True if changed."""
+    if mode.replace("-", "_") == "cache_aware" and model.cfg.preprocessor.normalize:
+        model.cfg.preprocessor.normalize = None
+        return True
+    return False
+
+
 def _detok(model, ids) -> str:
     tok = getattr(model, "tokenizer", None)
     return tok.decode(ids).strip() if tok is not None else " ".join(map(str, ids))
@@ -311,6 +321,7 @@ def _serve_main() -> None:
     from .serve import _has_sansio
 
     model = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
+    _streamable_features(model, spec["mode"])
     if spec["model"]:
         model.name = spec["model"]
     svc = CaptionService(model, spec["mode"].replace("_", "-"), spec["params"], commit="engine", endpoint_ms=None)
@@ -429,6 +440,7 @@ def run_load(args) -> int:
 
         torch.set_grad_enabled(False)
         model = load_model(args.model, device=args.device, dtype=args.dtype)
+        _streamable_features(model, mode)
     proc = None
     url = args.url
     server_log = None
@@ -490,6 +502,7 @@ def run_load(args) -> int:
         "path": "in-process" if args.in_process else ("server:" + (args.url or "own 127.0.0.1 server")),
         "mode": mode, "mode_params": params, "model": args.model or "default", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
+        "features_normalize": (None if model is None else model.cfg.preprocessor.normalize),
         "dtype": args.dtype, "duration_s": args.duration, "frame_ms": args.frame_ms, "max_batch": args.max_batch,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
         "runs": runs,
