@@ -139,6 +139,7 @@ class SessionRecognizer:
         self.sample_rate = shared.recognizer.mode.sample_rate
         self._fs = shared.recognizer.mode.frame_seconds
         self._received = 0
+        self._committed: list[Token] = []
 
     def _token(self, t) -> Token:
         tok = self.model.tokenizer
@@ -150,7 +151,9 @@ class SessionRecognizer:
         if not events and not last:
             return None
         s = self.session
-        committed = [self._token(t) for t in s.tokens]
+        if len(self._committed) < len(s.tokens):  # committed tokens only grow: convert each once
+            self._committed.extend(self._token(t) for t in s.tokens[len(self._committed):])
+        committed = self._committed
         tentative = [] if last else [self._token(t) for t in s.tentative]
         edge = getattr(s.state, "left_sample", None)
         edge = self._received if edge is None or last else min(int(edge), self._received)
@@ -163,6 +166,7 @@ class SessionRecognizer:
         else:
             final_until = None
         return Hypothesis(committed + tentative, len(committed), edge / self.sample_rate, last, final_until)
+
 
     def feed(self, audio: np.ndarray) -> Hypothesis | None:
         self._received += int(audio.size)

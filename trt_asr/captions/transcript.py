@@ -193,9 +193,13 @@ class TranscriptState:
     # ------------------------------------------------------------------ splice
     def _splice(self, hyp: Hypothesis) -> tuple[list[Token], int]:
         """The part of the hypothesis after the committed prefix, and how many of those tokens are engine-final."""
-        tokens = list(hyp.tokens)
+        tokens = hyp.tokens
         n = len(self.committed)
-        if lcp(tokens, self.committed) >= n:
+        # fast path (long streams): the engine kept our committed prefix if it still has our last committed token
+        # at the same place; engines never change final tokens, so only a mismatch needs the full comparison
+        same_end = n == 0 or (len(tokens) >= n and tokens[n - 1].id == self.committed[n - 1].id
+                              and tokens[n - 1].start == self.committed[n - 1].start)
+        if same_end and (hyp.final_count >= n or lcp(tokens, self.committed) >= n):
             rest = tokens[n:]
             final = max(0, hyp.final_count - n)
         else:  # the engine revised committed text (e.g. a time-based commit): keep ours, take its later tokens
