@@ -261,3 +261,23 @@ def test_bearer_token_required():
         assert asyncio.run(run_client(s.url + "?token=" + TOKEN, GOOD_CONFIG, GOOD_FRAMES[:2]))[1] == 1000
     finally:
         s.stop()
+
+
+def test_load_tool_smoke(server, tmp_path):
+    """`trt-asr bench load` through this server and in-process: summary keys, nothing lost or duplicated."""
+    from trt_asr.cli import main
+
+    common = ["bench", "load", "--streams", "2", "--duration", "1.5", "--model", "random:tiny", "--left-secs",
+              str(PARAMS["left_secs"]), "--chunk-secs", str(PARAMS["chunk_secs"]), "--right-secs",
+              str(PARAMS["right_secs"]), "--latency-budget-ms", "5000", "--drain-timeout", "20"]
+    for extra in (["--url", server.url], ["--in-process"]):
+        out = tmp_path / "s.json"
+        main(common + extra + ["--summary-json", str(out)])
+        d = json.loads(out.read_text())
+        for key in ("streams_sustained", "lost_audio_seconds", "duplicated_words", "p50_latency_ms",
+                    "p99_latency_ms"):
+            assert key in d
+        run = d["runs"][0]
+        assert run["n_errors"] == 0 and run["lost_audio_seconds"] == 0, run
+        assert run["duplicated_words"] == 0 and run["lost_words"] == 0 and run["transcripts_checked"], run
+        assert d["streams_sustained"] == 2
