@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tarfile
 import time
@@ -40,11 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from trt_asr.training.configs import CACHE_AWARE_CONTEXTS, VARIANTS, demo_config  # noqa: E402
-from trt_asr.training.data import (SAMPLE_RATE, make_utterances, synthesize_all, augment)  # noqa: E402
+from trt_asr.training.data import (SAMPLE_RATE, heldout_audio, heldout_utterances, make_utterances,  # noqa: E402
+                                   synthesize_all)
 from trt_asr.training.text import SentenceGenerator  # noqa: E402
 
-TEST_SEED = 777  # the held-out test set (tests/data/demo_test): its sentences never occur in training
-N_TEST = 150
 DURATIONS = [0, 1, 2, 3, 4]
 
 
@@ -52,13 +50,8 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
-def test_utterances():
-    """The held-out set: unseen sentences, held-out voice variants (f4, m4); mild noise added when written."""
-    return make_utterances(TEST_SEED, N_TEST, heldout=True)
-
-
 def test_sentences() -> set[str]:
-    return {u.text for u in test_utterances()}
+    return {u.text for u in heldout_utterances()}
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -83,9 +76,8 @@ def synth(data: Path, seed: int, call: int, n_train: int, workers: int) -> None:
     np.save(data / "audio.npy", flat)
     np.save(data / "lengths.npy", lens)
     (data / "texts.json").write_text(json.dumps([u.text for u in utts]))
-    tu = test_utterances()
-    ta = synthesize_all(tu, workers)
-    ta = [augment(x, 5000 + i, snr_db=(20.0, 40.0), gain_db=(-12.0, 0.0)) for i, x in enumerate(ta)]
+    tu = heldout_utterances()
+    ta = heldout_audio(tu, synthesize_all(tu, workers))
     np.save(data / "val_audio.npy", np.concatenate(ta).astype(np.float32))
     np.save(data / "val_lengths.npy", np.array([len(a) for a in ta], dtype=np.int64))
     (data / "val_texts.json").write_text(json.dumps([u.text for u in tu]))
@@ -162,39 +154,47 @@ def lr_at(step: int, peak: float, warmup: int) -> float:
     return peak * min(step / warmup, math.sqrt(warmup / step))
 
 
+class _Trainee:
+    """One variant's model, optimiser and history."""
+
+    def __init__(self, variant, tok, args, dev):
+        from trt_asr.model.asr import TransducerModel
+        self.variant = variant
+        self.model = TransducerModel(demo_config(variant, tok.vocab_size, **json.loads(args.model_kwargs or "{}")))
+        self.model.tokenizer = tok
+        self.history, self.step = [], 0
+        if args.resume and (Path(args.resume) / f"{variant}.pt").is_file():
+            ck = torch.load(Path(args.resume) / f"{variant}.pt", map_location="cpu", weights_only=False)
+            self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state"].items()})
+            self.history, self.step = ck["history"], ck["step"]
+            log(f"[{variant}] resumed at step {self.step}")
+        self.model.to(dev).train()
+        self.resumed_at = self.step
+        log(f"[{variant}] {self.model.num_params() / 1e6:.2f} M parameters")
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 or "pos_bias" in n else decay).append(p)
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-3},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=args.lr, betas=(0.9, 0.98), eps=1e-9)
+        self.losses = []
+
+
 def train(args) -> None:
-    from trt_asr.model.asr import TransducerModel
     from trt_asr.tokenizer import Tokenizer
     from trt_asr.training.infer import transcribe_arrays
-    from trt_asr.training.loss import tdt_loss
+    from trt_asr.training.loss import tdt_loss_fast
     from trt_asr.training.metrics import error_counts
 
-    variant = args.variant
+    variants = args.variants.split(",")
     run = Path(args.run)
     dev = torch.device(args.device)
-    seed = args.seed + (0 if variant == "buffered" else 1)
+    seed = args.seed
     torch.manual_seed(seed * 100 + args.call)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     tok = Tokenizer(run / "tokenizer.model")
-    cfg = demo_config(variant, tok.vocab_size, **json.loads(args.model_kwargs or "{}"))
-    model = TransducerModel(cfg)
-    model.tokenizer = tok
-    ckpt_path = run / f"{variant}.pt"
-    history, step = [], 0
-    if args.resume and (Path(args.resume) / f"{variant}.pt").is_file():
-        ck = torch.load(Path(args.resume) / f"{variant}.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state"].items()})
-        history, step = ck["history"], ck["step"]
-        log(f"[{variant}] resumed at step {step}")
-    model.to(dev).train()
-    log(f"[{variant}] {model.num_params() / 1e6:.2f} M parameters")
-    resumed_at = step
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "pos_bias" in n else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-3}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-9)
+    trainees = [_Trainee(v, tok, args, dev) for v in variants]
 
     data = Path(args.data)
     audio = np.load(data / "audio.npy", mmap_mode="r")
@@ -206,29 +206,34 @@ def train(args) -> None:
     voff = np.concatenate([[0], np.cumsum(vl)])
     val_audio = [va[voff[i]: voff[i + 1]] for i in range(len(vl))]
     val_texts = json.loads((data / "val_texts.json").read_text())
+    if args.n_val:
+        val_audio, val_texts = val_audio[: args.n_val], val_texts[: args.n_val]
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed * 7919 + args.call)
     ctx_rng = random.Random(seed + args.call)
 
-    def validate():
-        model.eval()
-        hyps = transcribe_arrays(model, val_audio, batch_size=64)
-        model.train()
+    def validate(tr, ctx=None):
+        tr.model.eval()
+        hyps = transcribe_arrays(tr.model, val_audio, batch_size=64, att_context_size=ctx)
+        tr.model.train()
         return error_counts(val_texts, hyps), hyps
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     t_start = time.time()
     budget = args.minutes * 60
     next_val = args.val_every
-    losses = []
+    n_batches = 0
     for epoch, idx in Batches(lengths, args.batch_seconds, seed * 100 + args.call):
         elapsed = time.time() - t_start
         if elapsed > budget:
             break
-        lr = lr_at(step, args.lr, args.warmup) * min(1.0, (step - resumed_at + 1) / 200 if resumed_at else 1.0)
-        if args.anneal_minutes > 0:
-            lr *= min(1.0, max(0.02, (budget - elapsed) / (args.anneal_minutes * 60)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        n_batches += 1
+        timing = 5 <= n_batches <= 8
+        tm = {}
+        t0 = time.time()
         lens = torch.tensor([int(lengths[i]) for i in idx])
         x = torch.zeros(len(idx), int(lens.max()))
         for k, i in enumerate(idx):
@@ -239,53 +244,85 @@ def train(args) -> None:
             y[k, : tl[k]] = torch.tensor(targets[i])
         x, lens, y, tl = x.to(dev, non_blocking=True), lens.to(dev), y.to(dev), tl.to(dev)
         x = gpu_augment(x, lens, gen)
-        feats, flen = model.features(x, lens)
-        feats = spec_augment(feats, flen, gen)
-        ctx = ctx_rng.choice(CACHE_AWARE_CONTEXTS) if variant == "cache-aware" else None
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            enc, elen = model.encoder(feats, flen, att_context_size=ctx)
-        pred, _ = model.decoder(y)  # LSTM in float32
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = model.joint(enc.transpose(1, 2), pred)
-        loss = tdt_loss(logits, y, elen, tl, blank=tok.vocab_size, durations=DURATIONS, sigma=0.02, omega=0.0,
-                        reduction="mean_volume")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        losses.append(loss.item() if step % 10 == 0 else None)
-        if step % 50 == 0:
-            vals = [v for v in losses if v is not None]
-            losses = []
-            history.append({"step": step, "call": args.call, "time": round(elapsed, 1), "loss": float(np.mean(vals)),
-                            "lr": lr, "grad_norm": float(gnorm), "epoch": epoch})
-            if step % 200 == 0:
-                log(f"[{variant}] step {step} epoch {epoch} loss/token {np.mean(vals):.4f} lr {lr:.2e} "
-                    f"|g| {float(gnorm):.2f} {elapsed:.0f}s")
+        if timing:
+            sync()
+            tm["batch"] = time.time() - t0
+        for tr in trainees:
+            model = tr.model
+            lr = lr_at(tr.step, args.lr, args.warmup)
+            if tr.resumed_at:
+                lr *= min(1.0, (tr.step - tr.resumed_at + 1) / 200)
+            if args.anneal_minutes > 0:
+                lr *= min(1.0, max(0.02, (budget - elapsed) / (args.anneal_minutes * 60)))
+            for g in tr.opt.param_groups:
+                g["lr"] = lr
+            t1 = time.time()
+            feats, flen = model.features(x, lens)
+            feats = spec_augment(feats, flen, gen)
+            ctx = ctx_rng.choice(CACHE_AWARE_CONTEXTS) if tr.variant == "cache-aware" else None
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                enc, elen = model.encoder(feats, flen, att_context_size=ctx)
+            pred, _ = model.decoder(y)  # LSTM in float32
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                logits = model.joint(enc.transpose(1, 2), pred)
+            if timing:
+                sync()
+                tm[f"{tr.variant}:fwd"] = time.time() - t1
+                t1 = time.time()
+            loss = tdt_loss_fast(logits, y, elen, tl, blank=tok.vocab_size, durations=DURATIONS, sigma=0.02,
+                                 reduction="mean_volume")
+            if timing:
+                sync()
+                tm[f"{tr.variant}:loss"] = time.time() - t1
+                t1 = time.time()
+            tr.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if timing:
+                sync()
+                tm[f"{tr.variant}:bwd"] = time.time() - t1
+                t1 = time.time()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            tr.opt.step()
+            if timing:
+                sync()
+                tm[f"{tr.variant}:opt"] = time.time() - t1
+            tr.step += 1
+            tr.losses.append(loss.detach())
+            if tr.step % 50 == 0:
+                mean_loss = torch.stack(tr.losses).mean().item()
+                tr.losses = []
+                tr.history.append({"step": tr.step, "call": args.call, "time": round(elapsed, 1), "loss": mean_loss,
+                                   "lr": lr, "grad_norm": float(gnorm), "epoch": epoch})
+                if tr.step % 200 == 0:
+                    log(f"[{tr.variant}] step {tr.step} epoch {epoch} loss/token {mean_loss:.4f} lr {lr:.2e} "
+                        f"|g| {float(gnorm):.2f} {elapsed:.0f}s")
+        if timing:
+            log(f"timing (B={len(idx)}, T_audio={int(lens.max()) / SAMPLE_RATE:.1f}s, U={int(tl.max())}): "
+                + " ".join(f"{k}={v * 1000:.0f}ms" for k, v in tm.items()))
         if elapsed > next_val:
             next_val += args.val_every
-            m, hyps = validate()
-            history.append({"step": step, "call": args.call, "time": round(elapsed, 1), "val_wer": m["wer"],
-                            "val_cer": m["cer"]})
-            log(f"[{variant}] step {step} VAL WER {m['wer'] * 100:.2f} % CER {m['cer'] * 100:.2f} % | "
-                f"{val_texts[0]!r} -> {hyps[0]!r}")
-    m, hyps = validate()
-    history.append({"step": step, "call": args.call, "time": round(time.time() - t_start, 1), "val_wer": m["wer"],
-                    "val_cer": m["cer"]})
-    log(f"[{variant}] final step {step} VAL WER {m['wer'] * 100:.2f} % CER {m['cer'] * 100:.2f} %")
-    if variant == "cache-aware":
-        for c in CACHE_AWARE_CONTEXTS[1:]:
-            model.eval()
-            mc = error_counts(val_texts, transcribe_arrays(model, val_audio, 64, att_context_size=c))
-            log(f"[{variant}] context {c}: VAL WER {mc['wer'] * 100:.2f} %")
-            history.append({"step": step, "call": args.call, f"val_wer_{c[0]}_{c[1]}": mc["wer"]})
-    dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
-    torch.save({"state": {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.cpu()
-                          for k, v in model.state_dict().items()},
-                "history": history, "step": step, "variant": variant, "model_kwargs": args.model_kwargs},
-               ckpt_path)
-    log(f"[{variant}] saved {ckpt_path}")
+            for tr in trainees:
+                m, hyps = validate(tr)
+                tr.history.append({"step": tr.step, "call": args.call, "time": round(elapsed, 1),
+                                   "val_wer": m["wer"], "val_cer": m["cer"]})
+                log(f"[{tr.variant}] step {tr.step} VAL WER {m['wer'] * 100:.2f} % CER {m['cer'] * 100:.2f} % | "
+                    f"{val_texts[0]!r} -> {hyps[0]!r}")
+    for tr in trainees:
+        m, hyps = validate(tr)
+        tr.history.append({"step": tr.step, "call": args.call, "time": round(time.time() - t_start, 1),
+                           "val_wer": m["wer"], "val_cer": m["cer"]})
+        log(f"[{tr.variant}] final step {tr.step} VAL WER {m['wer'] * 100:.2f} % CER {m['cer'] * 100:.2f} %")
+        if tr.variant == "cache-aware":
+            for c in CACHE_AWARE_CONTEXTS[1:]:
+                mc, _ = validate(tr, c)
+                log(f"[{tr.variant}] context {c}: VAL WER {mc['wer'] * 100:.2f} %")
+                tr.history.append({"step": tr.step, "call": args.call, f"val_wer_{c[0]}_{c[1]}": mc["wer"]})
+        dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
+        torch.save({"state": {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.cpu()
+                              for k, v in tr.model.state_dict().items()},
+                    "history": tr.history, "step": tr.step, "variant": tr.variant,
+                    "model_kwargs": args.model_kwargs}, run / f"{tr.variant}.pt")
+        log(f"[{tr.variant}] saved {run / f'{tr.variant}.pt'}")
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -298,24 +335,16 @@ def cmd_all(args) -> None:
     else:
         train_tokenizer(run / "tokenizer.model", args.seed)
     synth(Path(args.data), args.seed, args.call, args.n_train, args.workers)
-    procs = []
-    for v in args.variants.split(","):
-        cmd = [sys.executable, __file__, "train", "--variant", v, "--run", str(run), "--data", args.data,
-               "--minutes", str(args.minutes), "--call", str(args.call), "--seed", str(args.seed),
-               "--lr", str(args.lr), "--warmup", str(args.warmup), "--batch-seconds", str(args.batch_seconds),
-               "--val-every", str(args.val_every), "--anneal-minutes", str(args.anneal_minutes),
-               "--save-dtype", args.save_dtype, "--device", args.device]
-        if args.resume:
-            cmd += ["--resume", args.resume]
-        if args.model_kwargs:
-            cmd += ["--model-kwargs", args.model_kwargs]
-        procs.append(subprocess.Popen(cmd))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        log("a trainer failed:", codes)
+    code = 0
+    try:
+        train(args)
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        code = 1
     bundle(run, out)
-    if any(codes):
-        sys.exit(1)
+    if code:
+        sys.exit(code)
 
 
 def bundle(run: Path, out: Path, part_bytes: int = 15 * 2 ** 20) -> None:
@@ -413,6 +442,7 @@ def main(argv=None):
         s.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         s.add_argument("--model-kwargs", default="", help="JSON kwargs for demo_config (smoke tests)")
+        s.add_argument("--n-val", type=int, default=0, help="validate on the first N held-out utterances (0: all)")
 
     s = sub.add_parser("all")
     common(s)
@@ -426,7 +456,7 @@ def main(argv=None):
     s.add_argument("--workers", type=int, default=os.cpu_count())
     s = sub.add_parser("train")
     common(s)
-    s.add_argument("--variant", choices=VARIANTS, required=True)
+    s.add_argument("--variants", default="buffered,cache-aware")
     s = sub.add_parser("unpack")
     s.add_argument("--parts", required=True)
     s.add_argument("--into", required=True)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from trt_asr.training.loss import rnnt_loss, tdt_loss
+from trt_asr.training.loss import rnnt_loss, rnnt_loss_fast, tdt_loss, tdt_loss_fast
 
 
 def _tdt_brute(logits, y, T, U, blank, durations, sigma=0.0):
@@ -50,7 +50,8 @@ def _rnnt_brute(logits, y, T, U, blank):
 
 @pytest.mark.parametrize("durations", [[0, 1, 2, 3, 4], [0, 1, 2], [1, 2], [0, 2, 3], [1]])
 @pytest.mark.parametrize("sigma", [0.0, 0.05])
-def test_tdt_matches_brute_force(durations, sigma):
+@pytest.mark.parametrize("fn", [tdt_loss, tdt_loss_fast])
+def test_tdt_matches_brute_force(durations, sigma, fn):
     g = torch.Generator().manual_seed(len(durations) * 7 + int(sigma * 100))
     V = 4
     cases = [(T, U) for T in range(1, 5) for U in range(0, 4)]
@@ -59,7 +60,7 @@ def test_tdt_matches_brute_force(durations, sigma):
     targets = torch.randint(0, V, (B, Um), generator=g)
     T_len = torch.tensor([c[0] for c in cases])
     U_len = torch.tensor([c[1] for c in cases])
-    got = tdt_loss(logits.float(), targets, T_len, U_len, blank=V, durations=durations, sigma=sigma,
+    got = fn(logits.float(), targets, T_len, U_len, blank=V, durations=durations, sigma=sigma,
                    reduction="none")
     for i, (T, U) in enumerate(cases):
         want = _tdt_brute(logits[i], targets[i], T, U, V, durations, sigma)
@@ -69,14 +70,15 @@ def test_tdt_matches_brute_force(durations, sigma):
             assert got[i].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-4), (T, U)
 
 
-def test_rnnt_matches_brute_force():
+@pytest.mark.parametrize("fn", [rnnt_loss, rnnt_loss_fast])
+def test_rnnt_matches_brute_force(fn):
     g = torch.Generator().manual_seed(3)
     V = 5
     cases = [(T, U) for T in range(1, 5) for U in range(0, 4)]
     B, Tm, Um = len(cases), 4, 3
     logits = torch.randn(B, Tm, Um + 1, V + 1, generator=g) * 2
     targets = torch.randint(0, V, (B, Um), generator=g)
-    got = rnnt_loss(logits, targets, torch.tensor([c[0] for c in cases]), torch.tensor([c[1] for c in cases]),
+    got = fn(logits, targets, torch.tensor([c[0] for c in cases]), torch.tensor([c[1] for c in cases]),
                     blank=V, reduction="none")
     for i, (T, U) in enumerate(cases):
         want = _rnnt_brute(logits[i], targets[i], T, U, V)
@@ -120,3 +122,20 @@ def test_padding_does_not_change_loss():
     tbig = torch.cat([targets, torch.randint(0, V, (1, 2), generator=g)], 1)
     b = tdt_loss(big, tbig, torch.tensor([6]), torch.tensor([3]), blank=V, durations=durs, reduction="none")
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("durations", [[0, 1, 2, 3, 4], [0, 2, 3], [1, 2]])
+def test_fast_path_gradients_match_autograd(durations):
+    g = torch.Generator().manual_seed(5)
+    V, B = 6, 5
+    x = (torch.randn(B, 7, 5, V + 1 + len(durations), generator=g) * 2).requires_grad_()
+    y = torch.randint(0, V, (B, 4), generator=g)
+    T_len, U_len = torch.tensor([7, 5, 2, 1, 6]), torch.tensor([4, 1, 3, 0, 2])
+    a = tdt_loss(x, y, T_len, U_len, V, durations, 0.02, reduction="none")
+    b = tdt_loss_fast(x, y, T_len, U_len, V, durations, 0.02, reduction="none")
+    ok = a < 1e20
+    assert torch.allclose(a[ok], b[ok], rtol=1e-5, atol=1e-4)
+    ga = torch.autograd.grad(a[ok].sum(), x)[0]
+    gb = torch.autograd.grad(b[ok].sum(), x)[0]
+    assert torch.isfinite(gb).all()
+    assert torch.allclose(ga, gb, atol=1e-4)

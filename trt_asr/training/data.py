@@ -140,3 +140,19 @@ def read_manifest(path: str | Path) -> list[dict]:
             d["audio_filepath"] = str(p if p.is_absolute() else path.parent / p)
             out.append(d)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ held-out sets
+TEST_SEED = 777  # held-out sentences; voices from HELDOUT_VARIANTS only
+N_TEST = 150  # synthesized for the validation curve during training; the first N_CI are committed for CI
+N_CI = 100
+
+
+def heldout_utterances(n: int = N_TEST) -> list[Utterance]:
+    """The held-out test set: sentences never used in training (training excludes them), voice variants f4/m4."""
+    return make_utterances(TEST_SEED, n, heldout=True)
+
+
+def heldout_audio(utts: list[Utterance], audio: list[np.ndarray]) -> list[np.ndarray]:
+    """Mild deterministic noise and gain, as in tests/data/demo_test."""
+    return [augment(x, 5000 + i, snr_db=(20.0, 40.0), gain_db=(-12.0, 0.0)) for i, x in enumerate(audio)]
