@@ -169,6 +169,21 @@ def test_fairness_oldest_ready_first():
     assert all(n <= 3 for n in mode.calls)
 
 
+def test_flooding_client_does_not_starve_real_time_ones():
+    sched, _ = fake_scheduler(max_streams=8, max_batch=2, max_buffer_seconds=100)
+    flood = sched.open()
+    flood.push(np.ones(1600 * 100, np.float32))  # 100 chunks at once, far ahead of real time
+    live = [sched.open() for _ in range(3)]
+    for _ in range(20):
+        for st in live:  # one chunk each per "real-time tick"
+            st.push(np.ones(1600, np.float32))
+        before = [st.steps for st in live]
+        for _ in range(2):  # two steps of 2 per tick: 4 slots for 4 ready streams
+            sched.step()
+        assert [st.steps for st in live] == [b + 1 for b in before]  # every live chunk served in its tick
+    assert flood.steps >= 15  # and the flooder still progresses
+
+
 # ----------------------------------------------------------------------------------------------- backpressure
 def test_backpressure_bounds_inbox_and_loses_nothing():
     sched, mode = fake_scheduler(max_streams=4, max_batch=4, max_buffer_seconds=0.5, piece_seconds=0.05)
