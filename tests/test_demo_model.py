@@ -1,0 +1,98 @@
+"""The shipped demo models: load offline, transcribe the shipped example, and stay under the WER gate on the
+committed held-out set (sentences and voice variants never seen in training)."""
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from trt_asr.checkpoint import default_model_spec, load_model
+
+ASSETS = resources.files("trt_asr.assets")
+MANIFEST = Path(__file__).parent / "data" / "demo_test" / "manifest.jsonl"
+VARIANTS = ["demo-tdt-buffered", "demo-tdt-cache-aware"]
+OFFLINE_MAX_WER = {"demo-tdt-buffered": 0.05, "demo-tdt-cache-aware": 0.06}
+
+
+def _nemo(name):
+    path = ASSETS.joinpath(f"{name}.nemo")
+    if not path.is_file():
+        pytest.skip(f"{name}.nemo is not shipped in this checkout")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    from trt_asr.cli.eval import load_audio
+    from trt_asr.training.data import read_manifest
+
+    entries = read_manifest(MANIFEST)
+    return [load_audio(e["audio_filepath"], 16000) for e in entries], [e["text"] for e in entries]
+
+
+def test_default_model_is_the_shipped_demo():
+    _nemo("demo-tdt-buffered")
+    assert default_model_spec().endswith("demo-tdt-buffered.nemo")
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_demo_model_size_and_config(name):
+    path = Path(_nemo(name))
+    assert path.stat().st_size <= 30 * 2**20
+    model = load_model(str(path))
+    assert model.tokenizer is not None
+    assert model.cfg.decoding.model_type == "tdt" and model.cfg.decoding.durations == [0, 1, 2, 3, 4]
+    e = model.cfg.encoder
+    if name.endswith("cache-aware"):
+        assert e.att_context_style == "chunked_limited" and e.conv_context_size == "causal" and e.causal_downsampling
+        for left, right in e.att_context_sizes:
+            assert left % (right + 1) == 0
+        assert not model.cfg.preprocessor.normalize
+    else:
+        assert e.att_context_sizes == [[-1, -1]] and e.att_context_style == "regular"
+        assert model.cfg.preprocessor.normalize == "per_feature"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_example_wav(name):
+    from trt_asr.cli.eval import load_audio
+    from trt_asr.training.infer import transcribe_arrays
+    from trt_asr.training.metrics import wer
+
+    model = load_model(_nemo(name))
+    audio = load_audio(str(ASSETS.joinpath("example.wav")), model.cfg.sample_rate)
+    ref = ASSETS.joinpath("example.txt").read_text().strip()
+    hyp = transcribe_arrays(model, [audio])[0]
+    assert wer([ref], [hyp]) <= 0.15, hyp
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_offline_wer_on_heldout(name, heldout):
+    from trt_asr.training.infer import transcribe_arrays
+    from trt_asr.training.metrics import error_counts
+
+    audios, refs = heldout
+    model = load_model(_nemo(name))
+    hyps = transcribe_arrays(model, audios, batch_size=25)
+    m = error_counts(refs, hyps)
+    assert m["words"] > 500
+    assert m["wer"] <= OFFLINE_MAX_WER[name], f"{name}: WER {m['wer']:.3%}"
+
+
+def test_eval_cli_gate(tmp_path):
+    from trt_asr.cli import main
+
+    _nemo("demo-tdt-buffered")
+    small = tmp_path / "m.jsonl"
+    lines = MANIFEST.read_text().splitlines()[:10]
+    import json
+    fixed = []
+    for line in lines:
+        d = json.loads(line)
+        d["audio_filepath"] = str(MANIFEST.parent / d["audio_filepath"])
+        fixed.append(json.dumps(d))
+    small.write_text("\n".join(fixed) + "\n")
+    report = tmp_path / "r.jsonl"
+    assert main(["eval", "--manifest", str(small), "--max-wer", "100", "--report", str(report)]) == 0
+    assert len(report.read_text().splitlines()) == 10
+    assert main(["eval", "--manifest", str(small), "--max-wer", "-1"]) == 1
