@@ -75,6 +75,21 @@ def make_audio(n: int, seed: int = 0, lo: float = 10.0, hi: float = 20.0, sr: in
     return audio, lengths
 
 
+def token_error_rate(hyps, refs) -> float:
+    """Label edit distance / reference labels (greedy labels of one precision vs fp32)."""
+    errs = total = 0
+    for h, r in zip(hyps, refs):
+        prev = list(range(len(h) + 1))
+        for i, rv in enumerate(r, 1):
+            cur = [i] + [0] * len(h)
+            for j, hv in enumerate(h, 1):
+                cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rv != hv))
+            prev = cur
+        errs += prev[-1]
+        total += len(r)
+    return errs / max(total, 1)
+
+
 # ----------------------------------------------------------------------------------------------- offline
 @section
 def offline(model, audio, lengths, passes, precisions, variants):
@@ -104,19 +119,21 @@ def offline(model, audio, lengths, passes, precisions, variants):
             lists = tok.to_lists()
             if prec == "fp32" and var == "eager":
                 ref_tokens = lists
-            agree = None
+            agree = ter = None
             if ref_tokens is not None:
                 agree = sum(x == y for x, y in zip(lists, ref_tokens)) / len(lists)
+                ter = token_error_rate([[t[0] for t in x] for x in lists], [[t[0] for t in x] for x in ref_tokens])
             med = statistics.median(times)
             row = dict(system="trt-asr torch-cuda", precision=prec, variant=var, batch=len(lengths),
                        audio_s=total_s, passes=passes, pass_s=times, rtfx=total_s / med,
                        features_s=timing.features_s / passes, encoder_s=timing.encoder_s / passes,
                        decoder_s=timing.decoder_s / passes, setup_s=setup,
-                       tokens_per_s=sum(len(x) for x in lists) / total_s, utt_tokens_equal_fp32=agree)
+                       tokens_per_s=sum(len(x) for x in lists) / total_s, utt_tokens_equal_fp32=agree,
+                       token_error_rate_vs_fp32=ter)
             RESULTS["offline"].append(row)
             log(f"offline {prec} {var}: RTFx {row['rtfx']:.0f} (pass {med*1e3:.1f} ms; feat {row['features_s']*1e3:.1f}"
                 f" enc {row['encoder_s']*1e3:.1f} dec {row['decoder_s']*1e3:.1f} ms) tokens/s {row['tokens_per_s']:.1f}"
-                f" agree_fp32 {agree}")
+                f" agree_fp32 {agree} TER_vs_fp32 {ter}")
             # the graph decoder must give the eager decoder's tokens on the same encoder output
             if prec == "fp32" and var == "eager":
                 with torch.inference_mode():
@@ -150,6 +167,7 @@ def nemo_offline(model, audio, lengths, passes, precisions):
                                                 max_symbols_per_step=model.cfg.decoding.max_symbols,
                                                 include_duration=True, allow_cuda_graphs=True)
     a, l = audio.cuda(), lengths.cuda()
+    labels = {}
     for prec in precisions:
         def run(split=None):
             with torch.inference_mode():
@@ -185,6 +203,7 @@ def nemo_offline(model, audio, lengths, passes, precisions):
             run(split)
         med = statistics.median(times)
         ntok = int(hyps.current_lengths.sum())
+        labels[prec] = [hyps.transcript[b, : int(hyps.current_lengths[b])].tolist() for b in range(len(lengths))]
         row = dict(system="NeMo 3.0.0 (greedy_batch, CUDA graphs)", precision=prec + (" autocast" if prec != "fp32" else ""),
                    variant="nemo", batch=len(lengths), audio_s=total_s, passes=passes, pass_s=times,
                    rtfx=total_s / med, features_s=None, encoder_s=split[0] / passes, decoder_s=split[1] / passes,
@@ -192,6 +211,13 @@ def nemo_offline(model, audio, lengths, passes, precisions):
         RESULTS["offline"].append(row)
         log(f"NeMo {prec}: RTFx {row['rtfx']:.0f} (pass {med*1e3:.1f} ms; pre+enc {row['encoder_s']*1e3:.1f} "
             f"dec {row['decoder_s']*1e3:.1f} ms) tokens/s {row['tokens_per_s']:.1f}")
+    if "fp32" in labels:
+        for prec, lab in labels.items():
+            if prec != "fp32":
+                ter = token_error_rate(lab, labels["fp32"])
+                RESULTS["parity"].append(dict(check=f"NeMo {prec} autocast vs NeMo fp32 labels (same weights, audio)",
+                                              token_error_rate=ter))
+                log(f"NeMo {prec} vs fp32 TER {ter:.4f}")
     del pre, enc, dec, joint, comp
     torch.cuda.empty_cache()
 
@@ -223,16 +249,18 @@ def _time_steps(engine, inputs, iters, warmup=30, clone=True):
 
 @section
 def latency(model, shapes, engines, iters):
-    for ename, prec, graphs in engines:
+    for ename, prec, graphs, *rest in engines:
+        compile_mode = rest[0] if rest else None
         for sname, mode, T, C, K, params in shapes:
+            t0 = time.time()
             eng = TorchCudaEngine(gpu_model(model, prec), mode, prec, "cuda", use_graphs=graphs, time_quantum=1,
-                                  params=params)
+                                  params=params, compile_mode=compile_mode)
             inp = _stream_inputs(model.cfg, 1, T, C, K, eng.dtype)
             if mode == "window":
                 inp = {k: inp[k] for k in ("audio_signal", "length")}
             p50, p95, p99 = _time_steps(eng, inp, iters)
             RESULTS["latency"].append(dict(engine=ename, precision=prec, shape=sname, B=1, T_mel=T, cache=C,
-                                           p50_ms=p50, p95_ms=p95, p99_ms=p99))
+                                           p50_ms=p50, p95_ms=p95, p99_ms=p99, setup_s=time.time() - t0))
             log(f"latency {ename} {prec} {sname}: p50 {p50:.2f} p95 {p95:.2f} p99 {p99:.2f} ms")
             del eng
 
@@ -333,6 +361,10 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of sections to skip")
     ap.add_argument("--variants", default="eager,graphs")
     ap.add_argument("--batches", default="1,4,16,64,128,256,512")
+    ap.add_argument("--latency-engines", default="", help="e.g. 'torch eager:fp32,torch-cuda:fp16'")
+    ap.add_argument("--latency-shapes", default="", help="substrings of shape names, e.g. 'seed,560'")
+    ap.add_argument("--offline-precisions", default="fp32,bf16,fp16")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile variants (run last)")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
     out = Path(args.out)
@@ -354,7 +386,8 @@ def main():
         ort_probe()
     if "parity" not in skip:
         parity_gpu(model)
-    if "latency" not in skip:
+    shapes = []
+    if True:
         shapes = [("window 2/10/2 s (1400 mel)", "window", 1400, 0, 0, None),
                   ("seed 592 mel, cache 256", "stream", 592, 256, 4, None)]
         for ms in (80, 160, 560, 1120):
@@ -363,13 +396,24 @@ def main():
                            p.input_frames(False), 256, 4, p))
         engines = [("torch eager", "fp32", False), ("torch eager", "fp16", False),
                    ("torch-cuda", "fp32", True), ("torch-cuda", "fp16", True), ("torch-cuda", "bf16", True)]
+    if "latency" not in skip:
+        if args.latency_engines:
+            keep = args.latency_engines.split(",")
+            engines = [e for e in engines if f"{e[0]}:{e[1]}" in keep]
+        if args.latency_shapes:
+            shapes = [s for s in shapes if any(k in s[0] for k in args.latency_shapes.split(","))]
         latency(model, shapes, engines, args.iters)
     if "offline" not in skip:
-        offline(model, audio, lengths, args.passes, ["fp32", "bf16", "fp16"], args.variants.split(","))
+        offline(model, audio, lengths, args.passes, args.offline_precisions.split(","), args.variants.split(","))
     if args.nemo and "nemo" not in skip:
         nemo_offline(model, audio, lengths, args.passes, ["bf16", "fp32"])
     if "throughput" not in skip:
         throughput(model, [int(b) for b in args.batches.split(",")], ["bf16", "fp16"])
+    if args.compile:  # last: compilation time is unbounded; earlier results are already saved
+        shapes_c = [s for s in shapes if any(k in s[0] for k in ("seed", "560", "window"))]
+        shapes_c = [s for s in shapes_c if "window" not in s[0]]
+        latency(model, shapes_c, [("torch-cuda+compile", "fp16", True, "default")], args.iters)
+        offline(model, audio, lengths, args.passes, ["bf16"], ["compile"])
     (out / "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1))
     md = table()
     (out / "bench_gpu.md").write_text(f"# GPU benchmark\n\n{json.dumps(RESULTS['meta'])}\n\n{md}\n")

@@ -48,19 +48,20 @@ class _Graphed:
         if use_graph:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
+            with torch.cuda.stream(s), torch.inference_mode():
                 for _ in range(warmup):
                     fn(**inputs)
             torch.cuda.current_stream().wait_stream(s)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
                 self.outputs = fn(**inputs)
         else:
             self.outputs = None
 
     def __call__(self):
         if self.graph is None:
-            self.outputs = self.fn(**self.inputs)
+            with torch.inference_mode():
+                self.outputs = self.fn(**self.inputs)
         else:
             self.graph.replay()
         return self.outputs
@@ -75,10 +76,12 @@ class TorchCudaEngine:
     def __init__(self, model, mode: str = "window", precision: str = "fp16", device="cuda", *,
                  batch_buckets=DEFAULT_BATCH_BUCKETS, time_quantum: int = 16, use_graphs: bool | None = None,
                  params=None, drop_extra_pre_encoded: int = 0, cache_drop_size: int = 0, att_context_size=None,
-                 output_dtype: torch.dtype | None = None, copy_model: bool = True):
+                 output_dtype: torch.dtype | None = None, copy_model: bool = True, compile_mode: str | None = None):
         """``params``: ``trt_asr.streaming.cache_aware.CacheAwareParams`` for stream mode (first/later chunk drop,
         cache drop, attention context, valid_out_len), as the reference ``TorchEncoderEngine``; without it the
-        explicit ``drop_extra_pre_encoded`` / ``cache_drop_size`` / ``att_context_size`` apply to every chunk."""
+        explicit ``drop_extra_pre_encoded`` / ``cache_drop_size`` / ``att_context_size`` apply to every chunk.
+        ``compile_mode``: run the step through ``torch.compile`` (e.g. "default", "max-autotune-no-cudagraphs")
+        before capturing it as a CUDA graph (one compilation per bucket shape)."""
         if mode not in ("window", "stream"):
             raise ValueError(f"mode must be 'window' or 'stream', not {mode!r}")
         if precision not in DTYPES:
@@ -105,12 +108,16 @@ class TorchCudaEngine:
         self.att_context_size = att_context_size
         self.output_dtype = output_dtype
         self._graphs: dict[tuple, _Graphed] = {}
+        self.compile_mode = compile_mode
+        if compile_mode:
+            kw = {} if compile_mode == "default" else {"mode": compile_mode}
+            self._window_fn = torch.compile(self._window_fn, dynamic=False, **kw)
+            self._stream_fn = torch.compile(self._stream_fn, dynamic=False, **kw)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # ------------------------------------------------------------------ functions captured
     def _window_fn(self, audio_signal, length):
-        with torch.inference_mode():
-            enc, enc_len = self.encoder(audio_signal, length, self.att_context_size)
+        enc, enc_len = self.encoder(audio_signal, length, self.att_context_size)
         return {"encoder_output": enc, "encoded_lengths": enc_len}
 
     def _drop(self, frames: int) -> int:
@@ -121,14 +128,13 @@ class TorchCudaEngine:
 
     def _stream_fn(self, audio_signal, length, cache_last_channel, cache_last_time, cache_last_channel_len):
         p = self.params
-        with torch.inference_mode():
-            cache = StreamingCache(cache_last_channel.transpose(0, 1), cache_last_time.transpose(0, 1),
-                                   cache_last_channel_len)
-            enc, enc_len, nxt = self.encoder.stream_step(
-                audio_signal, length, cache, drop_extra_pre_encoded=self._drop(audio_signal.shape[-1]),
-                cache_drop_size=self.cache_drop_size, att_context_size=self.att_context_size)
-            if p is not None and p.att_context_style == "regular" and p.valid_out_len > 0:  # streaming_post_process
-                enc, enc_len = enc[:, :, : p.valid_out_len], enc_len.clamp(max=p.valid_out_len)
+        cache = StreamingCache(cache_last_channel.transpose(0, 1), cache_last_time.transpose(0, 1),
+                               cache_last_channel_len)
+        enc, enc_len, nxt = self.encoder.stream_step(
+            audio_signal, length, cache, drop_extra_pre_encoded=self._drop(audio_signal.shape[-1]),
+            cache_drop_size=self.cache_drop_size, att_context_size=self.att_context_size)
+        if p is not None and p.att_context_style == "regular" and p.valid_out_len > 0:  # streaming_post_process
+            enc, enc_len = enc[:, :, : p.valid_out_len], enc_len.clamp(max=p.valid_out_len)
         return {"encoder_output": enc, "encoded_lengths": enc_len,
                 "cache_last_channel_next": nxt.last_channel.transpose(0, 1).contiguous(),
                 "cache_last_time_next": nxt.last_time.transpose(0, 1).contiguous(),

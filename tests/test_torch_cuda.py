@@ -1,0 +1,112 @@
+"""torch-cuda engine: the same arithmetic as the reference (CPU: eager through the same code; GPU: CUDA graphs,
+fp16/bf16 tolerances), padded buckets, and the graph greedy decoder == the eager greedy decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trt_asr.checkpoint import load_model
+from trt_asr.engines import create_engine
+from trt_asr.engines.onnx_export import default_params
+from trt_asr.engines.torch_cuda import GraphGreedyDecoder, TorchCudaEngine, TorchCudaTranscriber
+from trt_asr.model.calibrate import synthetic_audio
+from trt_asr.streaming.cache_aware import initial_caches
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs, fp16/bf16 kernels)")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("random:tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_ca():
+    return load_model("random:tiny-cache-aware")
+
+
+def _audio(n=3, secs=3.0):
+    g = torch.Generator().manual_seed(0)
+    a = torch.stack([synthetic_audio(secs, 16000, g) for _ in range(n)])
+    return a, torch.tensor([a.shape[1] - 7000 * i for i in range(n)])
+
+
+def _stream_equal(model, device, precision, atol):
+    params = default_params(model)
+    eng = TorchCudaEngine(model, "stream", precision, device, params=params, batch_buckets=(4,))
+    ref = create_engine("torch", model, "stream", params=params)
+    caches = initial_caches(params, 3)
+    for k in range(4):
+        t = params.input_frames(k == 0)
+        inp = {"audio_signal": torch.randn(3, model.cfg.encoder.feat_in, t), "length": torch.tensor([t, t - 4, t]),
+               **caches}
+        r = ref.step(inp)
+        o = eng.step({n: (v.to(device, eng.dtype) if v.is_floating_point() else v.to(device)) for n, v in inp.items()})
+        for name in r:
+            a, b = o[name].float().cpu(), r[name].float()
+            assert a.shape == b.shape, name
+            rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
+            assert rel <= atol, (k, name, rel)
+        caches = {"cache_last_channel": r["cache_last_channel_next"], "cache_last_time": r["cache_last_time_next"],
+                  "cache_last_channel_len": r["cache_last_channel_next_len"]}
+
+
+def test_stream_step_matches_reference_cpu(tiny_ca):
+    _stream_equal(tiny_ca, "cpu", "fp32", 1e-5)
+
+
+def test_window_bucket_padding_cpu(tiny):
+    eng = TorchCudaEngine(tiny, "window", "fp32", "cpu", batch_buckets=(4,), time_quantum=64)
+    feats = torch.randn(3, tiny.cfg.encoder.feat_in, 150)
+    lengths = torch.tensor([150, 100, 33])
+    with torch.no_grad():
+        r, rl = tiny.encoder(feats, lengths)
+    o = eng.step({"audio_signal": feats, "length": lengths})
+    assert torch.equal(o["encoded_lengths"], rl) and o["encoder_output"].shape == r.shape
+    assert torch.allclose(o["encoder_output"], r, atol=1e-5)
+
+
+def test_transcriber_and_graph_decoder_equal_eager_cpu(tiny):
+    audio, lengths = _audio()
+    with torch.no_grad():
+        enc, el = tiny.encode(audio, lengths)
+        ref, _ = tiny.greedy_decoder()(enc, el)
+    tr = TorchCudaTranscriber(tiny, precision="fp32", device="cpu", max_batch=4, max_seconds=4)
+    assert tr(audio, lengths).to_lists() == ref.to_lists()
+
+
+def test_load_engine_model_torch_cuda_cpu(tiny):
+    from trt_asr.engines import load_engine_model
+
+    audio, lengths = _audio(2)
+    em = load_engine_model("torch-cuda", tiny, device="cpu", dtype="fp32")
+    e, l = em.encode(audio, lengths)
+    with torch.no_grad():
+        enc, el = tiny.encode(audio, lengths)
+    assert torch.equal(l, el) and torch.allclose(e, enc, atol=1e-5)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("fp16", 1e-2), ("bf16", 5e-2)])
+def test_stream_graphs_gpu(tiny_ca, precision, tol):
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+    try:
+        _stream_equal(tiny_ca, "cuda", precision, tol)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@cuda
+@pytest.mark.gpu
+def test_graph_decoder_gpu_equals_eager(tiny):
+    audio, lengths = _audio()
+    with torch.no_grad():
+        enc, el = tiny.encode(audio, lengths)
+        ref, _ = tiny.greedy_decoder()(enc, el)
+        f = tiny.joint.project_encoder(enc.transpose(1, 2))
+    dec = GraphGreedyDecoder(tiny, 4, enc.shape[2] + 2, "cuda")
+    got = dec(f.cuda(), el.cuda())
+    assert got.to_lists() == ref.to_lists()
