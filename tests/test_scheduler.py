@@ -389,3 +389,28 @@ def test_slot_pool_gather_scatter():
     pool.release(slots[0])
     assert pool.acquire() == slots[0] and pool.state["c"][slots[0]].abs().sum() == 0
     assert bucket_for(3, (1, 2, 4)) == 4 and bucket_for(9, (1, 2, 4)) == 9
+
+
+def test_pooled_cache_aware_mode_equals_plain():
+    """Cache-aware state in a SlotPool (gathered into bucket buffers, scattered back): same tokens as the plain mode,
+    batched through the scheduler; slots are freed when streams finish."""
+    from trt_asr.checkpoint import load_model
+    from trt_asr.streaming.scheduler import pooled_cache_aware_mode
+    from trt_asr.streaming.session import stream_tokens
+
+    model = load_model("random:tiny-cache-aware")
+    model.cfg.preprocessor.normalize = None
+    rng = np.random.default_rng(5)
+    audios = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (16000, 23456, 7000, 30000, 400)]
+    plain = [[(t.id, t.frame, t.duration) for t in ts] for ts in stream_tokens(model, audios, "cache_aware")]
+    mode = pooled_cache_aware_mode(model, capacity=8, buckets=(1, 2, 4, 8))
+    sched = StreamScheduler(Recognizer(model, mode), SchedulerConfig(max_streams=8, max_batch=3))
+    streams = [sched.open() for _ in audios]
+    for st, a in zip(streams, audios):
+        for i in range(0, a.size, 2500):
+            st.push(a[i:i + 2500])
+        st.end()
+    sched.run_until_idle()
+    got = [[(t.id, t.frame, t.duration) for ev in st.poll() for t in ev.committed] for st in streams]
+    assert got == plain and sum(map(len, plain)) > 0
+    assert mode.pool.in_use == 0 and sched.open_streams == 0  # finished streams gave their slots back

@@ -63,6 +63,7 @@ def register(sub) -> None:
     lp.add_argument("--chunk-ms", type=float, default=560.0, help="cache-aware chunk (multiple of the 80 ms frame)")
     lp.add_argument("--left-frames", type=int, default=70, help="cache-aware left attention context (frames)")
     lp.add_argument("--in-process", action="store_true", help="no network: streams go straight to the scheduler")
+    lp.add_argument("--pooled", action="store_true", help="in-process cache-aware: device state in a SlotPool")
     lp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     lp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     lp.add_argument("--max-batch", type=int, default=64, help="scheduler: streams per step at most")
@@ -249,7 +250,12 @@ def run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float)
     from ..streaming.session import Recognizer
 
     audios = stream_audios(args, k)
-    rec = Recognizer(model, mode, **params)
+    if getattr(args, "pooled", False) and mode == "cache_aware":
+        from ..streaming.scheduler import pooled_cache_aware_mode
+
+        rec = Recognizer(model, pooled_cache_aware_mode(model, capacity=k, **params))
+    else:
+        rec = Recognizer(model, mode, **params)
     sched = StreamScheduler(rec, SchedulerConfig(max_streams=k, max_batch=args.max_batch, idle_timeout=None,
                                                  max_buffer_seconds=max(30.0, 4 * chunk_s)))
     frame = int(args.frame_ms / 1000 * RATE)

@@ -715,6 +715,12 @@ class StreamScheduler:
         return self.mode.step(states)
 
     def _release(self, st: ScheduledStream) -> None:
+        release = getattr(self.mode, "release", None)  # modes with pooled device state free the stream's slot
+        if release is not None and st.session is not None:
+            try:
+                release(st.session.state)
+            except Exception:
+                pass
         with self._lock:
             if self._streams.pop(st.id, None) is not None:
                 self._free_slots.append(st.slot)
@@ -745,3 +751,89 @@ class StreamScheduler:
 def ceil_steps(ready: int, max_batch: int) -> int:
     """Upper bound on the steps a ready stream waits (fairness)."""
     return math.ceil(ready / max_batch)
+
+
+# ----------------------------------------------------------------------------------------------- pooled cache-aware
+def pooled_cache_aware_mode(model, capacity: int = 64, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
+                            **params):
+    """A ``CacheAwareMode`` whose per-stream device state (encoder caches, decoder LSTM state, projected prediction
+    output, last label, time jump) lives in a ``SlotPool``: each step gathers the batch's rows into pre-allocated
+    bucket-sized buffers, runs the engine and the decoder on the whole bucket (padding rows repeat a real stream and
+    are never written back) and scatters the new state back in place. Same tokens as ``CacheAwareMode``."""
+    import weakref
+
+    from ..decoding.greedy import DecoderState
+    from .cache_aware import CacheAwareMode, CacheAwareStreamState, initial_caches
+
+    class PooledCacheAwareMode(CacheAwareMode):
+        name = "cache_aware"
+
+        def __init__(self):
+            super().__init__(model, **params)
+            device, dtype = model.device, model.dtype
+            caches = initial_caches(self.params, 1, device, dtype)
+            dec = self.decoder.initial_state(1, device, dtype)
+            h, c = dec.lstm
+            init = {**{k: v[0] for k, v in caches.items()}, "h": h[:, 0], "c": c[:, 0], "pred_out": dec.pred_out[0],
+                    "last_label": dec.last_label[0], "time_jump": dec.time_jump[0]}
+            self.pool = SlotPool(capacity, {k: (tuple(v.shape), v.dtype) for k, v in init.items()}, device,
+                                 buckets, init=init)
+            self.buckets = self.pool.buckets
+
+        def new_stream(self):
+            s = CacheAwareStreamState(self.params, None, self.params.feat_in)
+            s.slot = self.pool.acquire()
+            s._free_slot = weakref.finalize(s, self.pool.release, s.slot)  # runs once: release() or garbage
+            return s
+
+        def release(self, s) -> None:
+            """The stream is gone (finished, closed, failed): its slot goes back to the pool."""
+            fin = getattr(s, "_free_slot", None)
+            if fin is not None:
+                fin()
+
+        def _step_group(self, group, first: bool):
+            p, device, dtype = self.params, self.model.device, self.model.dtype
+            first = first and not p.pad_and_drop_preencoded
+            chunk = p.chunk_size[0 if first else 1]
+            pre = p.pre_encode_cache_size[0 if first else 1]
+            audio, lengths = [], []
+            for s in group:
+                body = s.mel[:, :chunk]
+                s.mel = s.mel[:, chunk:]
+                real = body.shape[1]
+                body = torch.nn.functional.pad(body, (0, chunk - real))
+                a = torch.cat((s.pre_encode_cache[:, s.pre_encode_cache.shape[1] - pre:], body), dim=1)
+                s.pre_encode_cache = a[:, a.shape[1] - p.pre_encode_cache_size[1]:]
+                audio.append(a)
+                lengths.append(pre + real)
+                s.finished = s.ended and s.mel.shape[1] == 0 and s.mel_done >= self._stable_frames(s)
+            n = len(group)
+            slots = [s.slot for s in group]
+            st = self.pool.gather(slots)  # bucket rows: [n real | padding copies of the first]
+            b = next(iter(st.values())).shape[0]
+            audio += [audio[0]] * (b - n)
+            lengths += [lengths[0]] * (b - n)
+            inputs = {"audio_signal": torch.stack(audio).to(device, dtype),
+                      "length": torch.tensor(lengths, dtype=torch.long, device=device),
+                      "cache_last_channel": st["cache_last_channel"], "cache_last_time": st["cache_last_time"],
+                      "cache_last_channel_len": st["cache_last_channel_len"]}
+            out = self.engine.step(inputs)
+            state = DecoderState((st["h"].transpose(0, 1), st["c"].transpose(0, 1)), st["pred_out"],
+                                 st["last_label"], st["time_jump"])
+            tokens, state = self.decoder(out["encoder_output"], out["encoded_lengths"], state)
+            h, c = state.lstm
+            self.pool.scatter(slots, {"cache_last_channel": out["cache_last_channel_next"],
+                                      "cache_last_time": out["cache_last_time_next"],
+                                      "cache_last_channel_len": out["cache_last_channel_next_len"],
+                                      "h": h.transpose(0, 1), "c": c.transpose(0, 1), "pred_out": state.pred_out,
+                                      "last_label": state.last_label, "time_jump": state.time_jump})
+            enc_len = out["encoded_lengths"][:n].tolist()
+            results = []
+            for s, toks, el in zip(group, tokens.to_lists()[:n], enc_len):
+                results.append([(lab, s.frames_done + fr, d) for lab, fr, d in toks])
+                s.frames_done += int(el)
+                s.chunks_done += 1
+            return results
+
+    return PooledCacheAwareMode()
