@@ -51,8 +51,9 @@ class _Server:
         self.sock = sock
         from trt_asr.cli.serve import _has_sansio  # the same WebSocket implementation as `trt-asr serve`
 
+        ws_impl = "websockets-sansio" if _has_sansio() else "auto"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", ws_max_size=4 * MAX_FRAME,
-                                                    lifespan="off", ws="websockets-sansio" if _has_sansio() else "auto"))
+                                                    lifespan="off", ws=ws_impl))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20

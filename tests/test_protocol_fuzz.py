@@ -159,8 +159,9 @@ def _wav_header(n_bytes: int, rate: int, channels: int, bits: int, fmt: int = 1)
     import struct
 
     block = channels * bits // 8
-    return (b"RIFF" + struct.pack("<I", (36 + n_bytes) & 0xFFFFFFFF) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, fmt, channels, rate,
-            rate * max(block, 1), block, bits) + b"data" + struct.pack("<I", n_bytes))
+    fmt_chunk = struct.pack("<IHHIIHH", 16, fmt, channels, rate, rate * max(block, 1), block, bits)
+    return (b"RIFF" + struct.pack("<I", (36 + n_bytes) & 0xFFFFFFFF) + b"WAVEfmt " + fmt_chunk + b"data"
+            + struct.pack("<I", n_bytes))
 
 
 @FUZZ

@@ -45,8 +45,8 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -168,7 +168,8 @@ class SlotPool:
         self.capacity = capacity
         self.device = torch.device(device)
         self.buckets = tuple(sorted(b for b in buckets if b <= max(capacity, 1))) or (capacity,)
-        self.state = {k: torch.zeros((capacity, *shape), dtype=dt, device=self.device) for k, (shape, dt) in specs.items()}
+        self.state = {k: torch.zeros((capacity, *shape), dtype=dt, device=self.device)
+                      for k, (shape, dt) in specs.items()}
         self.init = {k: (v.to(self.device) if v is not None else None) for k, v in (init or {}).items()}
         self._batch = {b: {k: torch.empty((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
                            for k, t in self.state.items()} for b in self.buckets}
