@@ -236,3 +236,23 @@ def test_non_causal_model_in_cache_aware_mode_differs_from_offline(tiny):
             assert float((torch.cat(outs, -1) - enc).abs().max()) <= TOL
     assert errs["causal"] <= TOL
     assert errs["noncausal"] > 0.05, errs
+
+
+def test_incremental_step_equals_whole_sequence(tiny):
+    """CacheAwareStreamer.step (new frames only; it keeps the pre-encode cache) == stream_features."""
+    p = CacheAwareParams.for_encoder(tiny.cfg.encoder)
+    torch.manual_seed(4)
+    total = frames_for_chunks(12, p) - 7
+    feats = torch.randn(2, p.feat_in, total)
+    lengths = torch.full((2,), total)
+    streamer = CacheAwareStreamer(tiny)
+    want, want_len, want_state = streamer.stream_features(feats, lengths)
+    state = streamer.initial_state(2)
+    outs, pos = [], 0
+    while pos < total:
+        n = streamer.frames_needed(state)
+        piece = feats[:, :, pos: pos + n]
+        outs.append(streamer.step(piece, torch.full((2,), piece.shape[-1]), state).encoder_output)
+        pos += n
+    assert torch.equal(torch.cat(outs, -1), want)
+    assert state.tokens == want_state.tokens
