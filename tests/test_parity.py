@@ -158,3 +158,19 @@ def test_error_trend_recovers_a_known_slope():
     assert t["slope_ci95"][0] < 2e-9 < t["slope_ci95"][1] and abs(t["slope"] - 2e-9) < 3e-10
     flat = error_trend(1e-6 + 1e-8 * rng.standard_normal(500))
     assert abs(flat["slope"]) < 3e-11 and flat["growth_ci95_hi"] < 3e-8  # no trend: growth within the noise
+
+
+def test_buffered_windows_reference_and_parity(tmp_path):
+    """Buffered mode: independent windows through the window step (no caches); the same gates apply."""
+    ref = tmp_path / "refw"
+    assert cli(["reference", "--model", MODEL, "--mode", "buffered", "--chunks", "5", "--batch", "2",
+                "--window-frames", "240", "--out", str(ref)]) == 0
+    index = json.loads((ref / "index.json").read_text())
+    assert index["mode"] == "buffered" and index["contract"]["step"] == "window"
+    ok = tmp_path / "ok.json"
+    assert cli(["parity", "--engine", "torch", "--ref", str(ref), "--summary-json", str(ok)]) == 0
+    assert set(json.loads(ok.read_text())["outputs"]) == {"encoder_output", "encoded_lengths"}
+    bad = tmp_path / "bad.json"
+    assert cli(["parity", "--engine", "torch+weight:layers.0.conv.depthwise_conv.weight:1e-3", "--ref", str(ref),
+                "--summary-json", str(bad)]) == 1
+    assert not json.loads(bad.read_text())["gates"]["pass_rate"]["passed"]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .contract import add_model_args, add_stream_args
-from .reference import add_reference_args, load_for_reference
+from .reference import add_reference_args, load_for_reference, make_live
 
 
 def register(sub) -> None:
@@ -22,6 +22,8 @@ def register(sub) -> None:
     src.add_argument("--ref", help="reference folder (trt-asr reference --out)")
     src.add_argument("--live", action="store_true", help="run the reference alongside (needs --model etc.)")
     p.add_argument("--mode", choices=["functional", "closed_loop"], default="closed_loop")
+    p.add_argument("--stream-mode", choices=["cache-aware", "buffered"], default="cache-aware",
+                   help="with --live: carried chunks or independent windows (a --ref folder says its own)")
     p.add_argument("--summary-json", default=None, help="write the summary here")
     p.add_argument("--plot", default=None, help="PNG of the error per chunk with the fitted trend")
     p.add_argument("--tol", type=float, default=1e-5, help="abs tolerance per output per chunk")
@@ -42,7 +44,7 @@ def run(args) -> int:
     from ..checkpoint import load_model
     from ..streaming.cache_aware import NonCausalStreamingError
     from ..validation.parity import Gates, format_summary, make_engine, run_parity
-    from ..validation.reference import DiskReference, LiveReference
+    from ..validation.reference import DiskReference
     from ..validation.stability import plot_stability
 
     try:
@@ -51,14 +53,12 @@ def run(args) -> int:
             model = load_model(reference.model_spec if args.model == "random:tiny-cache-aware" else args.model)
             params = reference.params
         else:
-            model, params = load_for_reference(args)
-            reference = LiveReference(model, params, args.chunks, batch=args.batch, seed=args.seed,
-                                      model_spec=args.model, engine=args.reference_engine,
-                                      decode=not args.no_decode)
+            model, params = load_for_reference(args, args.stream_mode)
+            reference = make_live(model, params, args, args.stream_mode, decode=not args.no_decode)
     except (NonCausalStreamingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = make_engine(args.engine, model, params)
+    engine = make_engine(args.engine, model, params, mode=reference.contract["step"])
     gates = Gates(atol=args.tol, rtol=args.rtol, min_pass_rate=args.min_pass_rate,
                   min_contract_pass_rate=args.min_contract_pass_rate, min_token_agreement=args.min_token_agreement,
                   max_growth=args.max_growth)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..streaming.contract import ContractChecker, ContractViolation
-from .reference import CACHE_NAMES, OUTPUT_NAMES, _next
+from .reference import CACHE_NAMES, _next
 from .stability import error_trend
 
 TREND_OUTPUTS = ("encoder_output", "cache_last_channel_next", "cache_last_time_next")  # trend: max over these
@@ -85,7 +85,7 @@ def perturb_weight(model, name: str, sigma: float, seed: int = 0):
     return bad
 
 
-def make_engine(spec: str, model, params, check: bool = False):
+def make_engine(spec: str, model, params, check: bool = False, mode: str = "stream"):
     """Engine from a spec:
       torch                                   fp32 eager reference engine
       torch-cuda[:fp16|bf16|fp32]             CUDA-graph engine (trt_asr.engines.torch_cuda), when available
@@ -101,19 +101,23 @@ def make_engine(spec: str, model, params, check: bool = False):
     if base == "torch":
         from ..engines.torch_engine import TorchEncoderEngine
 
-        engine = TorchEncoderEngine(model, mode="stream", params=params, check=check)
+        engine = TorchEncoderEngine(model, mode=mode, params=params, check=check)
     elif base.startswith("torch-cuda"):
         from ..engines.torch_cuda import TorchCudaEngine
 
         precision = base.partition(":")[2] or "fp32"
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        make = lambda drop: TorchCudaEngine(model, mode="stream", precision=precision, device=device,  # noqa: E731
-                                            drop_extra_pre_encoded=drop, cache_drop_size=params.cache_drop_size,
-                                            att_context_size=list(params.att_context_size))
-        engine = ByChunkKind(make(params.drop_extra(True)), make(params.drop_extra(False)), params)
+        if mode == "window":
+            engine = TorchCudaEngine(model, mode="window", precision=precision, device=device)
+        else:
+            make = lambda drop: TorchCudaEngine(model, mode="stream", precision=precision,  # noqa: E731
+                                                device=device, drop_extra_pre_encoded=drop,
+                                                cache_drop_size=params.cache_drop_size,
+                                                att_context_size=list(params.att_context_size))
+            engine = ByChunkKind(make(params.drop_extra(True)), make(params.drop_extra(False)), params)
     elif ":" in base:
         module, _, cls = base.partition(":")
-        engine = getattr(importlib.import_module(module), cls)(model, mode="stream", params=params)
+        engine = getattr(importlib.import_module(module), cls)(model, mode=mode, params=params)
     else:
         raise ValueError(f"unknown engine spec {spec!r}")
     if weight_perturbs:
@@ -175,7 +179,10 @@ def run_parity(engine, reference, mode: str = "closed_loop", gates: Gates | None
     device = getattr(engine, "device", torch.device("cpu"))
     decoder = model.greedy_decoder() if model is not None else None
     dec_state = None
-    per = {n: {"max_abs": [], "mean_abs": [], "rel": []} for n in OUTPUT_NAMES}
+    stream = reference.contract["step"] == "stream"  # window (buffered) steps carry nothing: both modes agree
+    output_names = [x["name"] for x in reference.contract["outputs"]]
+    trend_outputs = [o for o in TREND_OUTPUTS if o in output_names]
+    per = {n: {"max_abs": [], "mean_abs": [], "rel": []} for n in output_names}
     passed_chunks, contract_ok, violations = 0, 0, []
     tok_equal, tok_compared, first_tok_mismatch = 0, 0, None
     first_failure, caches, n = None, None, 0
@@ -183,7 +190,7 @@ def run_parity(engine, reference, mode: str = "closed_loop", gates: Gates | None
     for chunk in reference:
         k = chunk.index
         n += 1
-        if mode == "functional" or caches is None:
+        if mode == "functional" or caches is None or not stream:
             inputs = {name: t.clone() for name, t in chunk.inputs.items()}
         else:
             inputs = {"audio_signal": chunk.inputs["audio_signal"].clone(), "length": chunk.inputs["length"].clone(),
@@ -209,7 +216,7 @@ def run_parity(engine, reference, mode: str = "closed_loop", gates: Gates | None
         contract_ok += ok
         chunk_pass = True
         errs = {}
-        for name in OUTPUT_NAMES:
+        for name in output_names:
             ref_t = chunk.outputs[name]
             m, mean, rel = _err(out.get(name), ref_t)
             per[name]["max_abs"].append(m)
@@ -221,10 +228,11 @@ def run_parity(engine, reference, mode: str = "closed_loop", gates: Gates | None
             errs[name] = m
         passed_chunks += chunk_pass
         if not chunk_pass and first_failure is None:
-            first_failure = {"chunk": k, "max_abs": errs, "breakdown": layer_breakdown(out, chunk.outputs, gates.atol)}
+            first_failure = {"chunk": k, "max_abs": errs,
+                             "breakdown": layer_breakdown(out, chunk.outputs, gates.atol) if stream else None}
         if decoder is not None and chunk.tokens is not None:
             toks, dec_state = decoder(out["encoder_output"].to("cpu", torch.float32),
-                                      out["encoded_lengths"].to("cpu"), dec_state)
+                                      out["encoded_lengths"].to("cpu"), dec_state if stream else None)
             mine = [[tuple(t) for t in s] for s in toks.to_lists()]
             ref_toks = [[tuple(t) for t in s] for s in chunk.tokens]
             tok_compared += 1
@@ -232,7 +240,8 @@ def run_parity(engine, reference, mode: str = "closed_loop", gates: Gates | None
                 tok_equal += 1
             elif first_tok_mismatch is None:
                 first_tok_mismatch = k
-        caches = {name: out[_next(name)].detach().clone() for name in CACHE_NAMES}
+        if stream:
+            caches = {name: out[_next(name)].detach().clone() for name in CACHE_NAMES}
         if progress:
             progress(k)
 
@@ -253,8 +262,8 @@ def run_parity(engine, reference, mode: str = "closed_loop", gates: Gates | None
         "token_agreement": ({"chunks_equal_rate": tok_equal / tok_compared if tok_compared else 1.0,
                              "chunks_compared": tok_compared, "first_mismatch_chunk": first_tok_mismatch}
                             if decoder is not None else None),
-        "trend": {"metric": "max abs error per chunk over " + ", ".join(TREND_OUTPUTS),
-                  **error_trend(np.max([per[o]["max_abs"] for o in TREND_OUTPUTS], axis=0) if n else [])},
+        "trend": {"metric": "max abs error per chunk over " + ", ".join(trend_outputs),
+                  **error_trend(np.max([per[o]["max_abs"] for o in trend_outputs], axis=0) if n else [])},
         "first_failure": first_failure,
         "aborted": aborted,
     }
@@ -274,7 +283,7 @@ def run_parity(engine, reference, mode: str = "closed_loop", gates: Gates | None
     summary["passed"] = all(x["passed"] for x in summary["gates"].values())
     if keep_per_chunk:
         summary["per_chunk"] = {f"{name}_max_abs": v["max_abs"] for name, v in per.items()}
-        summary["per_chunk"]["trend_metric"] = (np.max([per[o]["max_abs"] for o in TREND_OUTPUTS], axis=0).tolist()
+        summary["per_chunk"]["trend_metric"] = (np.max([per[o]["max_abs"] for o in trend_outputs], axis=0).tolist()
                                                 if n else [])
     return summary
 

@@ -1,5 +1,6 @@
 """Reference streams for parity: per-chunk encoder inputs, caches and outputs of the fp32 torch reference engine,
-plus the greedy tokens decoded from them with the carried decoder state.
+plus the greedy tokens decoded from them with the carried decoder state. Cache-aware mode steps carried chunks;
+buffered mode ("window" step) steps independent windows (no caches; tokens decoded per window).
 
 Two sources with one interface (iterate -> ``RefChunk``):
 
@@ -63,31 +64,55 @@ def feature_chunks(params: CacheAwareParams, n_chunks: int, batch: int = 1, seed
         yield audio, torch.full((batch,), audio.shape[-1], dtype=torch.long)
 
 
+def window_chunks(feat_in: int, n_windows: int, window_frames: int, batch: int = 1, seed: int = 0,
+                  scale: float = 1.0) -> Iterator[tuple]:
+    """Buffered-mode step inputs: independent windows [B, F, window_frames]; stream b > 0 is shorter (padded), so
+    masking of the padding is exercised too."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_windows):
+        audio = torch.randn(batch, feat_in, window_frames, generator=g) * scale
+        length = torch.tensor([max(window_frames - 37 * b, 1) for b in range(batch)], dtype=torch.long)
+        audio = audio * (torch.arange(window_frames)[None, :] < length[:, None])[:, None, :]
+        yield audio, length
+
+
 class LiveReference:
     """Runs the fp32 torch reference engine chunk by chunk (closed loop on its own caches)."""
 
-    def __init__(self, model, params: CacheAwareParams, n_chunks: int, batch: int = 1, seed: int = 0,
+    def __init__(self, model, params: CacheAwareParams | None, n_chunks: int, batch: int = 1, seed: int = 0,
                  features: torch.Tensor | None = None, decode: bool = True, model_spec: str = "",
-                 engine: str = "torch"):
+                 engine: str = "torch", mode: str = "cache-aware", window_frames: int = 1400):
         from ..engines.torch_engine import TorchEncoderEngine
 
         self.model, self.params, self.n_chunks, self.batch, self.seed = model, params, n_chunks, batch, seed
-        self.features, self.decode = features, decode
+        self.features, self.decode, self.mode, self.window_frames = features, decode, mode, window_frames
+        step = {"cache-aware": "stream", "buffered": "window"}[mode]
         if engine == "torch":
-            self.engine = TorchEncoderEngine(model, mode="stream", params=params)
-        elif engine == "nemo":
+            self.engine = TorchEncoderEngine(model, mode=step, params=params)
+        elif engine == "nemo" and step == "stream":
             self.engine = NemoEncoderEngine(model, params=params)
         else:
-            raise ValueError(f"reference engine must be 'torch' or 'nemo', not {engine!r}")
+            raise ValueError(f"reference engine must be 'torch' or 'nemo' (cache-aware only), not {engine!r}")
         self.engine_name = engine
-        self.contract = build_contract(model.cfg.encoder, "cache-aware", params, model_name=model_spec or model.name)
         self.model_spec = model_spec or getattr(model, "name", "")
+        self.contract = build_contract(model.cfg.encoder, mode, params, model_name=self.model_spec,
+                                       window_frames=(1, window_frames, window_frames))
 
     def __len__(self) -> int:
         return self.n_chunks
 
     @torch.no_grad()
     def __iter__(self) -> Iterator[RefChunk]:
+        if self.mode == "buffered":  # independent windows: no caches; tokens decoded per window
+            decoder = self.model.greedy_decoder() if self.decode else None
+            for k, (audio, length) in enumerate(window_chunks(self.model.cfg.encoder.feat_in, self.n_chunks,
+                                                              self.window_frames, self.batch, self.seed)):
+                inputs = {"audio_signal": audio, "length": length}
+                outputs = self.engine.step(inputs)
+                tokens = decoder(outputs["encoder_output"], outputs["encoded_lengths"])[0].to_lists() if decoder \
+                    else []
+                yield RefChunk(k, inputs, outputs, tokens)
+            return
         caches = initial_caches(self.params, self.batch)
         decoder = self.model.greedy_decoder() if self.decode else None
         state = decoder.initial_state(self.batch, torch.device("cpu")) if decoder else None
@@ -180,7 +205,7 @@ def write_reference(source: LiveReference, out_dir: str | Path, chunks_per_shard
     index = {
         "format": "trt-asr-reference-v1",
         "model": source.model_spec,
-        "mode": "cache-aware",
+        "mode": source.mode,
         "reference_engine": source.engine_name,
         "seed": source.seed,
         "batch": source.batch,
@@ -203,7 +228,8 @@ class DiskReference:
         self.dir = Path(ref_dir)
         self.index = json.loads((self.dir / "index.json").read_text())
         self.contract = self.index["contract"]
-        self.params = params_from_contract(self.contract)
+        self.mode = self.index.get("mode", "cache-aware")
+        self.params = params_from_contract(self.contract) if self.mode == "cache-aware" else None
         self.model_spec = self.index["model"]
         self.batch = self.index["batch"]
 
@@ -219,7 +245,7 @@ class DiskReference:
             for k in range(shard["first_chunk"], shard["last_chunk"] + 1):
                 inputs = {key.split("/", 2)[2]: v for key, v in data.items() if key.startswith(f"{k}/in/")}
                 outputs = {key.split("/", 2)[2]: v for key, v in data.items() if key.startswith(f"{k}/out/")}
-                if prev is not None:
+                if prev is not None and self.mode == "cache-aware":
                     inputs.update({n: prev[_next(n)] for n in CACHE_NAMES})
                 prev = outputs
                 tokens = self.index["tokens"][k] if k < len(self.index["tokens"]) else []
