@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -233,7 +233,9 @@ def frames_for_chunks(n: int, params: CacheAwareParams) -> int:
         return 0
     if params.pad_and_drop_preencoded:
         return params.shift_size[1] * (n - 1) + params.chunk_size[1]
-    return params.shift_size[0] + params.shift_size[1] * (n - 2) + params.chunk_size[1] if n > 1 else params.chunk_size[0]
+    if n == 1:
+        return params.chunk_size[0]
+    return params.shift_size[0] + params.shift_size[1] * (n - 2) + params.chunk_size[1]
 
 
 # ----------------------------------------------------------------------------------------------- streaming
@@ -515,6 +517,6 @@ def offline_equivalent(model, features_bft: torch.Tensor, lengths: torch.Tensor,
     return model.encoder(features_bft, lengths, att_context_size=list(params.att_context_size))
 
 
-__all__ = ["CacheAwareMode", "CacheAwareParams", "CacheAwareState", "CacheAwareStreamState", "CacheAwareStreamer", "NonCausalStreamingError", "StepOutput",
-           "frames_for_chunks", "initial_caches", "iter_chunks", "num_chunks", "offline_equivalent",
-           "subsampled_length", "replace"]
+__all__ = ["CacheAwareMode", "CacheAwareParams", "CacheAwareState", "CacheAwareStreamState", "CacheAwareStreamer",
+           "NonCausalStreamingError", "StepOutput", "frames_for_chunks", "initial_caches", "iter_chunks", "num_chunks",
+           "offline_equivalent", "subsampled_length"]
