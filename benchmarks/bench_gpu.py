@@ -98,12 +98,15 @@ def offline(model, audio, lengths, passes, precisions, variants):
     ref_tokens = None
     for prec in precisions:
         for var in variants:
-            if var != "eager" and prec != "bf16":
+            if var == "graphs" and prec != "bf16" or "autocast" in var and prec == "fp32" or \
+                    var == "compile" and prec != "bf16":
                 continue
             torch.cuda.empty_cache()
             t0 = time.time()
-            tr = TorchCudaTranscriber(gpu_model(model, prec), precision=prec, max_batch=len(lengths), max_seconds=20.5,
-                                      encoder_graphs=(var == "graphs"), compile_encoder=(var == "compile"))
+            ac = "autocast" in var
+            tr = TorchCudaTranscriber(gpu_model(model, "fp32" if ac else prec), precision=prec,
+                                      max_batch=len(lengths), max_seconds=20.5, encoder_graphs=(var == "graphs"),
+                                      compile_encoder=("compile" in var), autocast=ac)
             tok = tr(a, l)  # warm-up (+ compile)
             torch.cuda.synchronize()
             setup = time.time() - t0

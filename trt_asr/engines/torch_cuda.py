@@ -76,19 +76,24 @@ class TorchCudaEngine:
     def __init__(self, model, mode: str = "window", precision: str = "fp16", device="cuda", *,
                  batch_buckets=DEFAULT_BATCH_BUCKETS, time_quantum: int = 16, use_graphs: bool | None = None,
                  params=None, drop_extra_pre_encoded: int = 0, cache_drop_size: int = 0, att_context_size=None,
-                 output_dtype: torch.dtype | None = None, copy_model: bool = True, compile_mode: str | None = None):
+                 output_dtype: torch.dtype | None = None, copy_model: bool = True, compile_mode: str | None = None,
+                 autocast: bool = False):
         """``params``: ``trt_asr.streaming.cache_aware.CacheAwareParams`` for stream mode (first/later chunk drop,
         cache drop, attention context, valid_out_len), as the reference ``TorchEncoderEngine``; without it the
         explicit ``drop_extra_pre_encoded`` / ``cache_drop_size`` / ``att_context_size`` apply to every chunk.
         ``compile_mode``: run the step through ``torch.compile`` (e.g. "default", "max-autotune-no-cudagraphs")
-        before capturing it as a CUDA graph (one compilation per bucket shape)."""
+        before capturing it as a CUDA graph (one compilation per bucket shape).
+        ``autocast``: keep fp32 weights and run fp16/bf16 under ``torch.autocast`` (NeMo's mixed precision: layer
+        norms, softmax and the residual stream stay fp32) instead of casting the weights."""
         if mode not in ("window", "stream"):
             raise ValueError(f"mode must be 'window' or 'stream', not {mode!r}")
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {list(DTYPES)}")
         self.mode, self.precision = mode, precision
         self.device = torch.device(device)
-        self.dtype = DTYPES[precision]
+        self.autocast = autocast and precision != "fp32"
+        self.compute_dtype = DTYPES[precision]
+        self.dtype = torch.float32 if self.autocast else DTYPES[precision]  # weights and float I/O
         enc = model.encoder
         if copy_model and (enc.layers[0].norm_out.weight.device != self.device
                            or enc.layers[0].norm_out.weight.dtype != self.dtype):
@@ -109,6 +114,15 @@ class TorchCudaEngine:
         self.output_dtype = output_dtype
         self._graphs: dict[tuple, _Graphed] = {}
         self.compile_mode = compile_mode
+        if self.autocast:
+            wfn, sfn = self._window_fn, self._stream_fn
+
+            def _ac(fn):
+                def run(**kw):
+                    with torch.autocast(self.device.type, dtype=self.compute_dtype):
+                        return fn(**kw)
+                return run
+            self._window_fn, self._stream_fn = _ac(wfn), _ac(sfn)
         if compile_mode:
             kw = {} if compile_mode == "default" else {"mode": compile_mode}
             self._window_fn = torch.compile(self._window_fn, dynamic=False, **kw)
@@ -368,14 +382,14 @@ class TorchCudaTranscriber:
     """
 
     def __init__(self, model, precision: str = "bf16", device="cuda", max_batch: int = 128, max_seconds: float = 20.0,
-                 encoder_graphs: bool = False, decoder_block: int = 16, compile_encoder: bool = False):
+                 encoder_graphs: bool = False, decoder_block: int = 16, compile_encoder: bool = False,
+                 autocast: bool = False):
         self.device = torch.device(device)
         self.model = model
         self.preprocessor = copy.deepcopy(model.preprocessor).to(self.device).float().eval()
         self.engine = TorchCudaEngine(model, "window", precision, self.device, use_graphs=encoder_graphs and
-                                      self.device.type == "cuda", batch_buckets=(max_batch,), time_quantum=64)
-        if compile_encoder:
-            self.engine.encoder = torch.compile(self.engine.encoder, dynamic=False)
+                                      self.device.type == "cuda", batch_buckets=(max_batch,), time_quantum=64,
+                                      autocast=autocast, compile_mode="default" if compile_encoder else None)
         self.joint_enc = copy.deepcopy(model.joint.enc).to(self.device, torch.float32).eval()
         sub = model.cfg.encoder.subsampling_factor
         hop = model.cfg.preprocessor.hop_length
