@@ -77,7 +77,11 @@ def run(args) -> int:
             except AudioError as e:
                 results[path] = Transcript(audio=path, text="", duration=0.0, error=str(e))
         params = _stream_params(args)
-        outs = transcribe_streaming(model, list(arrays.values()), mode=args.stream, **params) if arrays else []
+        try:
+            outs = transcribe_streaming(model, list(arrays.values()), mode=args.stream, **params) if arrays else []
+        except ValueError as e:  # e.g. cache-aware mode on a model not trained for it, bad stream parameters
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         for path, tr in zip(arrays, outs):
             tr.audio = path
             tr.duration = len(arrays[path]) / model.cfg.sample_rate
