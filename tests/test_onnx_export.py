@@ -211,3 +211,17 @@ def test_ort_window_padded_batch_matches(tiny, window_dir):
     o = eng.step({"audio_signal": feats, "length": lengths})
     assert torch.equal(o["encoded_lengths"], rl)
     np.testing.assert_allclose(o["encoder_output"].numpy(), r.numpy(), atol=1e-5)
+
+
+def test_external_data_directory(tiny, tmp_path):
+    """The path big (v3: 2.4 GB) encoders take: weights in one DIR/encoder.onnx.data file."""
+    export_onnx(tiny, tmp_path, decoder=False, external_data=True)
+    assert (tmp_path / "encoder.onnx.data").stat().st_size > 100_000
+    assert (tmp_path / "encoder.onnx").stat().st_size < 200_000
+    check_onnx(tmp_path / "encoder.onnx")
+    feats = torch.randn(2, tiny.cfg.encoder.feat_in, 90)
+    lengths = torch.tensor([90, 77])
+    with torch.no_grad():
+        r, _ = tiny.encoder(feats, lengths)
+    o = OnnxRuntimeEngine(tmp_path).step({"audio_signal": feats, "length": lengths})
+    assert torch.allclose(o["encoder_output"], r, atol=1e-5)

@@ -149,11 +149,29 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
     if (path.parent / data_name).exists():
         (path.parent / data_name).unlink()
     if big:
+        _constants_to_initializers(model)
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
     return path
+
+
+def _constants_to_initializers(model, min_bytes: int = 1024) -> None:
+    """Large ``Constant`` nodes (e.g. the positional-encoding table) -> initializers, so they go to external data."""
+    from onnx import numpy_helper
+
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            t = node.attribute[0].t
+            if numpy_helper.to_array(t).nbytes >= min_bytes:
+                t.name = node.output[0]
+                model.graph.initializer.append(t)
+                continue
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def check_onnx(path: str | Path, strict_shapes: bool = True) -> None:
