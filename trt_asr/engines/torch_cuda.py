@@ -113,6 +113,7 @@ class TorchCudaEngine:
         self.att_context_size = att_context_size
         self.output_dtype = output_dtype
         self._graphs: dict[tuple, _Graphed] = {}
+        self._pinned: dict[tuple, tuple] = {}  # host staging buffers for CPU inputs (+ the event of their last copy)
         self.compile_mode = compile_mode
         if self.autocast:
             wfn, sfn = self._window_fn, self._stream_fn
@@ -162,6 +163,24 @@ class TorchCudaEngine:
         return t
 
     # ------------------------------------------------------------------ step
+    def _load(self, name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """src -> dst (a static buffer or a slice of it). CPU inputs go through a pinned staging buffer, so the
+        host-to-device copy is asynchronous; a staging buffer is rewritten only after its previous copy ran."""
+        if src.device.type != "cpu" or self.device.type != "cuda":
+            dst.copy_(src, non_blocking=True)
+            return
+        key = (name, tuple(src.shape), src.dtype)
+        buf, ev = self._pinned.get(key, (None, None))
+        if buf is None:
+            buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        elif ev is not None:
+            ev.synchronize()
+        buf.copy_(src)
+        dst.copy_(buf, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._pinned[key] = (buf, ev)
+
     def _get(self, key, make_inputs, fn):
         g = self._graphs.get(key)
         if g is None:
@@ -201,13 +220,13 @@ class TorchCudaEngine:
             st = g.inputs
             B, T = st["audio_signal"].shape[0], st["audio_signal"].shape[2]
             if b == B and t == T:
-                st["audio_signal"].copy_(x, non_blocking=True)
-                st["length"].copy_(inputs["length"], non_blocking=True)
+                self._load("audio_signal", x, st["audio_signal"])
+                self._load("length", inputs["length"], st["length"])
             else:
                 st["audio_signal"].zero_()
-                st["audio_signal"][:b, :, :t].copy_(x, non_blocking=True)
+                self._load("audio_signal", x, st["audio_signal"][:b, :, :t])
                 st["length"].zero_()
-                st["length"][:b].copy_(inputs["length"], non_blocking=True)
+                self._load("length", inputs["length"], st["length"][:b])
             out = g()
             t_out = self._out_frames(t)
             res = {"encoder_output": out["encoder_output"][:b, :, :t_out],
@@ -220,7 +239,7 @@ class TorchCudaEngine:
             for name in ("audio_signal", "length", "cache_last_channel", "cache_last_time", "cache_last_channel_len"):
                 if b < B:
                     st[name][b:].zero_()
-                st[name][:b].copy_(inputs[name], non_blocking=True)
+                self._load(name, inputs[name], st[name][:b])
             out = g()
             res = {k: v[:b] for k, v in out.items()}
         if clone:
