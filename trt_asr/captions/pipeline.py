@@ -136,6 +136,13 @@ class CaptionPipeline:
                 return None
             return self._arrival_wall[min(i, len(self._arrival_wall) - 1)]
 
+    def _trim_arrivals(self, before: float) -> None:
+        """Forget arrival times of audio older than ``before`` (bounded memory on endless streams)."""
+        with self._lock:
+            i = bisect.bisect_left(self._arrival_t, before)
+            if i > 0:
+                del self._arrival_t[:i], self._arrival_wall[:i]
+
     def _emit(self, event: dict) -> None:
         event["seq"] = self._seq
         self._seq += 1
@@ -199,6 +206,8 @@ class CaptionPipeline:
                                                st.committed[n_committed - 1] is not last_committed):
             self.stats.committed_changes += 1
         now = self.clock()
+        if st.updates % 512 == 0:
+            self._trim_arrivals(upd.audio_end - 600.0)
         for seg in upd.finals:
             arr = self._arrival(min(seg.end, upd.audio_end))
             lat = None if arr is None else (now - arr) * 1000
