@@ -62,13 +62,16 @@
     } else if (e.type === "error") {
       state.error = e; setStatus("error: " + e.message);
     } else if (e.type === "end") {
-      state.ended = true; setStatus("ended");
+      state.ended = true;
+      const st = e.stats || {}, pl = st.partial_latency_ms || {}, fl = st.final_latency_ms || {};
+      setStatus(`ended · server partial p50/p95 ${pl.p50}/${pl.p95} ms · final p50/p95 ${fl.p50}/${fl.p95} ms`);
     }
   }
 
   async function start() {
     $("start").disabled = true;
     state.ended = false; state.error = null;
+    sentSamples = 0; sendTimes.length = 0; state.sentChunks = []; // audio times restart at 0 for a new stream
     try {
       stream = await navigator.mediaDevices.getUserMedia({ audio: {
         echoCancellation: false, noiseSuppression: false, autoGainControl: false, channelCount: 1 } });
