@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 CONFIGS = [  # name, bench args, K sweep (full), K sweep (quick)
-    ("buffered_2-10-2_inproc", ["--mode", "buffered", "--in-process"], "64,192,384", "2,4"),
-    ("cache-aware_160ms_inproc", ["--mode", "cache-aware", "--chunk-ms", "160", "--in-process"], "16,64,128", "2,4"),
-    ("cache-aware_560ms_inproc", ["--mode", "cache-aware", "--chunk-ms", "560", "--in-process"], "32,128,256", "2,4"),
+    ("buffered_2-10-2_inproc", ["--mode", "buffered", "--in-process"], "64,128", "2,4"),
+    ("cache-aware_160ms_inproc", ["--mode", "cache-aware", "--chunk-ms", "160", "--in-process"], "8,16", "2,4"),
+    ("cache-aware_560ms_inproc", ["--mode", "cache-aware", "--chunk-ms", "560", "--in-process"], "16,32", "2,4"),
     ("buffered_2-10-2_server", ["--mode", "buffered"], "32,128", "2,4"),
     ("cache-aware_160ms_server", ["--mode", "cache-aware", "--chunk-ms", "160"], "16,64", "2"),
     ("cache-aware_560ms_server", ["--mode", "cache-aware", "--chunk-ms", "560"], "32,128", "2"),

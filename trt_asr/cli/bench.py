@@ -72,6 +72,10 @@ def register(sub) -> None:
     lp.add_argument("--latency-budget-ms", type=float, default=None, help="default: the chunk duration")
     lp.add_argument("--drain-timeout", type=float, default=60.0, help="seconds after the last audio to wait")
     lp.add_argument("--no-check", action="store_true", help="skip the transcript comparison")
+    lp.add_argument("--word-gate", type=float, default=None,
+                    help="allowed (duplicated + lost) words / reference words for 'sustained'; default 0 for "
+                    "cache-aware (exact), 0.02 for buffered (fp32 GPU kernels differ by batch size, so near-tie "
+                    "tokens of a random model can flip)")
     lp.add_argument("--max-streams", type=int, default=512, help="safety bound on K")
     lp.add_argument("--seed", type=int, default=0)
     lp.add_argument("--summary-json", default=None, help="write the summary here")
@@ -499,25 +503,33 @@ def run_load(args) -> int:
             _wait_healthy(proc, url, server_log)
         for k in ks:
             t0 = time.monotonic()
+            refs = None
+            if model is not None and not args.no_check:
+                # before the timed run: also warms up the kernels of every batch size up to min(k, 64)
+                refs = reference_texts(model, mode, params, stream_audios(args, k))
             if args.in_process:
                 r = run_in_process(model, args, k, mode, params, chunk_s)
             else:
                 r = run_server(args, url, k, chunk_s)
             dup = lost_words = 0
             checked = False
-            if model is not None and not args.no_check:
-                refs = reference_texts(model, mode, params, r["audios"])
+            ref_words = 0
+            if refs is not None:
                 for got, ref in zip(r["texts"], refs):
+                    ref_words += len(ref.split())
                     d, l = words_diff(got, ref)
                     dup += d
                     lost_words += l
                 checked = True
             p99 = r["latency"]["p99"]
+            gate = args.word_gate if args.word_gate is not None else (0.0 if mode == "cache_aware" else 0.02)
+            words_ok = (dup + lost_words) <= gate * max(ref_words, 1)
             sustained = (not r["errors"] and r["lost_audio_seconds"] < 1e-3 and p99 is not None
-                         and p99 <= budget_s * 1000 and dup == 0 and lost_words == 0)
+                         and p99 <= budget_s * 1000 and words_ok)
             run = {"streams": k, "sustained": sustained, "streams_sustained": k if sustained else 0,
                    "lost_audio_seconds": round(r["lost_audio_seconds"], 4), "duplicated_words": dup,
-                   "lost_words": lost_words, "transcripts_checked": checked,
+                   "lost_words": lost_words, "reference_words": ref_words, "word_gate": gate,
+                   "transcripts_checked": checked,
                    "p50_latency_ms": r["latency"]["p50"], "p95_latency_ms": r["latency"]["p95"],
                    "p99_latency_ms": p99, "event_latency_ms": r["latency"], "step_latency_ms": r["step_latency"],
                    "gpu_utilization": r["gpu_utilization"], "errors": r["errors"][:20],
