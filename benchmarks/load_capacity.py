@@ -25,7 +25,7 @@ CONFIGS = [  # name, bench args, K sweep (full), K sweep (quick)
     ("cache-aware_160ms_server", ["--mode", "cache-aware", "--chunk-ms", "160"], "16,64", "2"),
     ("cache-aware_560ms_server", ["--mode", "cache-aware", "--chunk-ms", "560"], "32,128", "2"),
     ("cache-aware_160ms_inproc_pooled", ["--mode", "cache-aware", "--chunk-ms", "160", "--in-process", "--pooled"],
-     "16,64,128", "2"),
+     "8,16", "2"),
 ]
 
 

@@ -820,7 +820,8 @@ def pooled_cache_aware_mode(model, capacity: int = 64, buckets: Sequence[int] = 
                       "cache_last_channel": st["cache_last_channel"], "cache_last_time": st["cache_last_time"],
                       "cache_last_channel_len": st["cache_last_channel_len"]}
             out = self.engine.step(inputs)
-            state = DecoderState((st["h"].transpose(0, 1), st["c"].transpose(0, 1)), st["pred_out"],
+            state = DecoderState((st["h"].transpose(0, 1).contiguous(), st["c"].transpose(0, 1).contiguous()),
+                                 st["pred_out"],
                                  st["last_label"], st["time_jump"])
             tokens, state = self.decoder(out["encoder_output"], out["encoded_lengths"], state)
             h, c = state.lstm
