@@ -414,3 +414,31 @@ def test_pooled_cache_aware_mode_equals_plain():
     got = [[(t.id, t.frame, t.duration) for ev in st.poll() for t in ev.committed] for st in streams]
     assert got == plain and sum(map(len, plain)) > 0
     assert mode.pool.in_use == 0 and sched.open_streams == 0  # finished streams gave their slots back
+
+
+def test_caption_pipeline_through_scheduler_equals_shared_recognizer():
+    """The caption pipeline fed by the scheduler adapter commits exactly what it commits with SharedRecognizer."""
+    from trt_asr.captions.pipeline import PipelineOptions, run_pipeline_sync
+    from trt_asr.captions.recognizer import SharedRecognizer, model_decoder
+    from trt_asr.captions.dsp import DSPConfig
+    from trt_asr.checkpoint import load_model
+    from trt_asr.streaming.scheduler import CaptionSchedulerPool
+
+    model = load_model("random:tiny")
+    params = dict(left_secs=0.64, chunk_secs=0.32, right_secs=0.32)
+    rng = np.random.default_rng(2)
+    audio = (rng.standard_normal(16000 * 3) * 0.1).astype(np.float32)
+    chunks = [audio[i:i + 1600] for i in range(0, audio.size, 1600)]
+    opts = PipelineOptions(dsp=DSPConfig(vad=False))
+
+    def finals(rec):
+        events = run_pipeline_sync(rec, chunks, opts, model_decoder(model))
+        assert events[-1]["type"] == "end" and not [e for e in events if e["type"] == "error"]
+        return " ".join(e["text"] for e in events if e["type"] == "final")
+
+    ref = finals(SharedRecognizer(model, "buffered", **params).open())
+    pool = CaptionSchedulerPool(model, "buffered", **params)
+    try:
+        assert finals(pool.open()) == ref and ref
+    finally:
+        pool.stop()

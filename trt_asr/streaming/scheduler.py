@@ -242,6 +242,7 @@ class ScheduledStream:
         self._inbox_samples = 0
         self._ended = False
         self._ended_at: float | None = None
+        self._unseen = False  # audio pushed that the worker has not yet taken in (wait_idle)
         self._closed = False
         self._close_reason: ErrorEvent | None = None
         # worker side
@@ -296,6 +297,18 @@ class ScheduledStream:
                 self._check_open()
             self._enqueue(x)
         sched._wake()
+        return True
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until the worker has taken all pushed audio and no step is pending for this stream (its events
+        for that audio are then queued). For synchronous callers (the caption pipeline's per-stream thread)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.scheduler._lock:
+            while not self.done and (self._unseen or self.ready_since is not None):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.5 if left is None else min(left, 0.5))
         return True
 
     async def apush(self, pcm) -> None:
@@ -390,6 +403,7 @@ class ScheduledStream:
             return
         self.last_audio_at = time.monotonic()
         self.samples_in += x.size
+        self._unseen = True
         piece = self.scheduler._piece_samples
         now = self.last_audio_at
         if self._inbox and self._inbox[-1].size < piece:  # coalesce small client frames
@@ -629,6 +643,11 @@ class StreamScheduler:
                         # latency: ready since the newest audio it holds arrived (or it ended)
                         st._ready_at = min(now, max(st._last_arrival, st._ended_at or 0.0))
                     ready.append(st)
+                if st._unseen:
+                    with self._lock:
+                        if not st._inbox:  # wait_idle(): all audio taken in; a step is pending iff ready_since
+                            st._unseen = False
+                            st._cond.notify_all()
             except Exception as e:  # a bad stream (e.g. its mode state) never stops the others
                 self._close_stream(st, ErrorEvent("engine_error", f"stream {st.id}: {type(e).__name__}: {e}"))
         return ready
@@ -839,3 +858,101 @@ def pooled_cache_aware_mode(model, capacity: int = 64, buckets: Sequence[int] = 
             return results
 
     return PooledCacheAwareMode()
+
+
+# ----------------------------------------------------------------------------------------------- caption adapter
+class CaptionSchedulerPool:
+    """Drop-in for ``trt_asr.captions.recognizer.SharedRecognizer`` (what ``CaptionService`` opens per caption
+    stream) that runs every stream through one ``StreamScheduler`` instead of stepping the shared ``Recognizer``
+    under a lock from each stream's own thread: one worker, FIFO batches, bounded inboxes (a stream's ``feed``
+    blocks past ``max_buffer_seconds``: backpressure up to the server's socket), admission, isolation.
+
+        svc = CaptionService(model, "buffered", params)
+        svc._shared = CaptionSchedulerPool(model, "buffered", **params)   # until CaptionService takes it directly
+    """
+
+    def __init__(self, model, mode: str = "buffered", config: SchedulerConfig | None = None, **params):
+        from .session import Recognizer
+
+        self.model = model
+        self.mode_name = mode
+        self.params = params
+        self.recognizer = Recognizer(model, mode.replace("-", "_"), **params)
+        cfg = config or SchedulerConfig(sample_rate=self.recognizer.mode.sample_rate, idle_timeout=None)
+        self.scheduler = StreamScheduler(self.recognizer, cfg).start()
+
+    def open(self) -> "_CaptionStream":
+        return _CaptionStream(self, self.scheduler.open())
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        self.scheduler.stop(drain=drain, timeout=timeout)
+
+
+class _CaptionStream:
+    """``trt_asr.captions.recognizer.StreamingRecognizer`` over one scheduled stream (same hypotheses as
+    ``SessionRecognizer``: committed tokens are engine-final, the tentative tail is revisable)."""
+
+    def __init__(self, pool: CaptionSchedulerPool, stream: ScheduledStream):
+        self.pool = pool
+        self.stream = stream
+        self.model = pool.model
+        self.mode = pool.mode_name
+        self.sample_rate = pool.recognizer.mode.sample_rate
+        self._fs = pool.recognizer.mode.frame_seconds
+        self._received = 0
+        self._committed: list = []  # captions Tokens
+        self._tentative: list = []
+
+    def _token(self, t):
+        from ..captions.transcript import Token as CapToken
+
+        tok = self.model.tokenizer
+        span = max(int(t.duration), 1)
+        return CapToken(int(t.id), t.frame * self._fs, (t.frame + span) * self._fs,
+                        tok.starts_word(int(t.id)) if tok else True, tok.piece(int(t.id)) if tok else f"<{t.id}>")
+
+    def _take(self, events) -> list:
+        out = []
+        for ev in events:
+            if isinstance(ev, ErrorEvent):
+                raise SchedulerError(ev.message, ev.code)
+            self._committed.extend(self._token(t) for t in ev.committed)
+            self._tentative = [self._token(t) for t in ev.tentative]
+            out.append(ev)
+        return out
+
+    def _hyp(self, events, last: bool):
+        from ..captions.transcript import Hypothesis
+
+        if not events and not last:
+            return None
+        state = self.stream.session.state if self.stream.session is not None else None
+        edge = getattr(state, "left_sample", None)
+        edge = self._received if edge is None or last else min(int(edge), self._received)
+        if last:
+            final_until = edge / self.sample_rate
+        elif hasattr(state, "frames_decoded"):
+            final_until = int(state.frames_decoded) * self._fs
+        elif self.mode.startswith("cache"):
+            final_until = edge / self.sample_rate
+        else:
+            final_until = None
+        tentative = [] if last else self._tentative
+        return Hypothesis(self._committed + tentative, len(self._committed), edge / self.sample_rate, last,
+                          final_until)
+
+    def feed(self, audio: np.ndarray):
+        audio = np.asarray(audio, np.float32)
+        if audio.size:
+            self._received += int(audio.size)
+            self.stream.push(audio)  # blocks past the buffer bound (backpressure)
+            self.stream.wait_idle(timeout=60)  # its step (batched with every other ready stream) has run
+        return self._hyp(self._take(self.stream.poll()), False)
+
+    def finish(self):
+        self.stream.end()
+        self._take(list(self.stream.events(timeout=600)))
+        return self._hyp([], True)
+
+    def close(self) -> None:
+        self.stream.close()
