@@ -387,7 +387,7 @@ def load_trained(run: Path, variant: str):
 def cmd_export(args) -> None:
     from trt_asr.checkpoint import save_nemo
     run = Path(args.run)
-    for v in VARIANTS:
+    for v in args.variants.split(","):
         if not (run / f"{v}.pt").is_file():
             continue
         model, ck = load_trained(run, v)
@@ -463,6 +463,7 @@ def main(argv=None):
     for name in ("export", "plot"):
         s = sub.add_parser(name)
         s.add_argument("--run", required=True)
+        s.add_argument("--variants", default="buffered,cache-aware", help="export: which variants to ship")
     args = p.parse_args(argv)
     if args.cmd == "all":
         cmd_all(args)
