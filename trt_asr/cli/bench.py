@@ -250,7 +250,14 @@ def _detok(model, ids) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- in-process
-def run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float) -> dict:
+def run_in_process(*args, **kwargs) -> dict:
+    import torch
+
+    with torch.no_grad():  # scoped: a global set_grad_enabled would leak into the caller (e.g. tests)
+        return _run_in_process(*args, **kwargs)
+
+
+def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float) -> dict:
     import torch
 
     from ..streaming.scheduler import SchedulerConfig, StreamScheduler
@@ -273,7 +280,6 @@ def run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float)
     committed = [[] for _ in range(k)]
     errors: list[str] = []
     refused_pushes = 0
-    torch.set_grad_enabled(False)
     gpu = GPUSampler(args.device)
     sched.start()
     t0 = time.monotonic() + 0.2
@@ -506,7 +512,6 @@ def run_load(args) -> int:
 
             from ..checkpoint import load_model
 
-            torch.set_grad_enabled(False)
             model = load_model(args.model, device=args.device, dtype=args.dtype)
             _streamable_features(model, mode)
         if proc is not None:
