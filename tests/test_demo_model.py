@@ -110,3 +110,52 @@ def test_eval_cli_gate(tmp_path):
     assert main(["eval", "--manifest", str(small), "--max-wer", "100", "--report", str(report)]) == 0
     assert len(report.read_text().splitlines()) == 10
     assert main(["eval", "--manifest", str(small), "--max-wer", "-1"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------ data generation
+def test_sentences_are_deterministic_and_in_vocabulary():
+    from trt_asr.training.data import heldout_utterances, make_utterances
+    from trt_asr.training.text import SentenceGenerator, all_words
+
+    a, b = SentenceGenerator(3).sentences(200), SentenceGenerator(3).sentences(200)
+    assert a == b and len(set(a)) == 200
+    words = all_words()
+    assert all(w in words for s in a for w in s.split())
+    test = {u.text for u in heldout_utterances()}
+    train = make_utterances(0, 500, exclude=test)
+    assert not test & {u.text for u in train}
+    assert all(u.voice.split("+")[-1] not in ("f4", "m4") for u in train)
+    assert all(u.voice.split("+")[-1] in ("f4", "m4") for u in heldout_utterances(20))
+
+
+def test_committed_manifest_matches_heldout_definition():
+    from trt_asr.training.data import heldout_utterances, read_manifest
+
+    entries = read_manifest(MANIFEST)
+    utts = heldout_utterances()[: len(entries)]
+    assert [e["text"] for e in entries] == [u.text for u in utts]
+    assert all(Path(e["audio_filepath"]).is_file() and e["duration"] > 0.5 for e in entries)
+
+
+def test_synthesis_and_longform_are_deterministic(tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    if not shutil.which("espeak-ng"):
+        pytest.skip("espeak-ng is not installed")
+    from trt_asr.training.data import make_utterances, synthesize
+
+    u = make_utterances(11, 1, heldout=True)[0]
+    x, y = synthesize(u), synthesize(u)
+    assert np.array_equal(x, y) and len(x) > 8000
+    script = Path(__file__).parent.parent / "scripts" / "synth_longform.py"
+    subprocess.run([sys.executable, str(script), "--minutes", "0.3", "--out", str(tmp_path), "--workers", "1"],
+                   check=True, capture_output=True)
+    meta = json.loads((tmp_path / "longform.json").read_text())
+    assert meta["duration"] >= 18 and len(meta["segments"]) >= 3
+    starts = [s["start"] for s in meta["segments"]]
+    assert starts == sorted(starts)
