@@ -168,6 +168,21 @@ class _Trainee:
             self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state"].items()})
             self.history, self.step = ck["history"], ck["step"]
             log(f"[{variant}] resumed at step {self.step}")
+        elif variant == "cache-aware" and args.init_from:
+            # warm start from a trained buffered model: every parameter has the same shape; only the conv padding,
+            # the attention mask and the feature normalisation differ
+            ck = torch.load(args.init_from, map_location="cpu", weights_only=False)
+            state = {k: v.float() if v.is_floating_point() else v for k, v in ck["state"].items()}
+            key = "encoder.pre_encode.out.weight"  # causal subsampling keeps one more frequency bin per channel
+            own = self.model.state_dict()[key]
+            if state[key].shape != own.shape:
+                ch = self.model.cfg.encoder.subsampling_conv_channels
+                f_old, f_new = state[key].shape[1] // ch, own.shape[1] // ch
+                w = torch.zeros(own.shape[0], ch, f_new)
+                w[:, :, : min(f_old, f_new)] = state[key].view(-1, ch, f_old)[:, :, : min(f_old, f_new)]
+                state[key] = w.reshape(own.shape)
+            self.model.load_state_dict(state)
+            log(f"[{variant}] initialised from {args.init_from} (step {ck['step']})")
         self.model.to(dev).train()
         self.resumed_at = self.step
         log(f"[{variant}] {self.model.num_params() / 1e6:.2f} M parameters")
@@ -442,6 +457,7 @@ def main(argv=None):
         s.add_argument("--save-dtype", choices=("fp32", "bf16"), default="fp32")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         s.add_argument("--model-kwargs", default="", help="JSON kwargs for demo_config (smoke tests)")
+        s.add_argument("--init-from", default=None, help="cache-aware: warm start from this buffered <variant>.pt")
         s.add_argument("--n-val", type=int, default=0, help="validate on the first N held-out utterances (0: all)")
 
     s = sub.add_parser("all")
