@@ -50,12 +50,17 @@ class CaptionService:
     endpoint_ms: float | None = 800.0
     vad_hangover_ms: float = 600.0
     normalize_gain: bool = False
+    batching: str = "scheduler"  # "scheduler": one StreamScheduler worker batches all streams; "lock": SharedRecognizer
 
     def __post_init__(self):
-        self._shared: SharedRecognizer | None = None
+        self._shared = None
         self._lock = threading.Lock()
         self.decode = model_decoder(self.model)
-        if self.mode != "redecode":
+        if self.mode != "redecode" and self.batching == "scheduler":
+            from ..streaming.scheduler import CaptionSchedulerPool  # FIFO batches, backpressure, isolation
+
+            self._shared = CaptionSchedulerPool(self.model, self.mode, **self.params)
+        elif self.mode != "redecode":
             self._shared = SharedRecognizer(self.model, self.mode.replace("-", "_"), **self.params)
 
     @classmethod

@@ -878,7 +878,9 @@ class CaptionSchedulerPool:
         self.mode_name = mode
         self.params = params
         self.recognizer = Recognizer(model, mode.replace("-", "_"), **params)
-        cfg = config or SchedulerConfig(sample_rate=self.recognizer.mode.sample_rate, idle_timeout=None)
+        # admission is the server's (--max-sessions); the scheduler's own bound only guards memory
+        cfg = config or SchedulerConfig(sample_rate=self.recognizer.mode.sample_rate, idle_timeout=None,
+                                        max_streams=1024)
         self.scheduler = StreamScheduler(self.recognizer, cfg).start()
 
     def open(self) -> "_CaptionStream":
