@@ -64,9 +64,9 @@ def register(sub) -> None:
     lp.add_argument("--left-frames", type=int, default=70, help="cache-aware left attention context (frames)")
     lp.add_argument("--in-process", action="store_true", help="no network: streams go straight to the scheduler")
     lp.add_argument("--pooled", action="store_true", help="in-process cache-aware: device state in a SlotPool")
-    lp.add_argument("--server-scheduler", action="store_true",
-                    help="own server: caption streams go through StreamScheduler (CaptionSchedulerPool) instead of "
-                    "the lock-shared Recognizer")
+    lp.add_argument("--server-batching", default="scheduler", choices=["scheduler", "lock"],
+                    help="own server: caption streams batched by one StreamScheduler (default, as `trt-asr serve`) "
+                    "or by the lock-shared Recognizer (the previous way)")
     lp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     lp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     lp.add_argument("--max-batch", type=int, default=64, help="scheduler: streams per step at most")
@@ -258,8 +258,6 @@ def run_in_process(*args, **kwargs) -> dict:
 
 
 def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float) -> dict:
-    import torch
-
     from ..streaming.scheduler import SchedulerConfig, StreamScheduler
     from ..streaming.session import Recognizer
 
@@ -343,7 +341,7 @@ def start_server(args, mode: str, params: dict, max_sessions: int, wait: bool = 
     """Our own server process on 127.0.0.1 (the app of ``trt-asr serve`` with these mode params)."""
     port = _free_port()
     spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "mode": mode, "params": params,
-            "port": port, "max_sessions": max_sessions, "scheduler": bool(getattr(args, "server_scheduler", False)),
+            "port": port, "max_sessions": max_sessions, "batching": args.server_batching,
             "max_batch": args.max_batch}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"trt_asr_bench_server_{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", "from trt_asr.cli.bench import _serve_main; _serve_main()",
@@ -385,13 +383,15 @@ def _serve_main() -> None:
     _streamable_features(model, spec["mode"])
     if spec["model"]:
         model.name = spec["model"]
-    svc = CaptionService(model, spec["mode"].replace("_", "-"), spec["params"], commit="engine", endpoint_ms=None)
-    if spec.get("scheduler"):
+    svc = CaptionService(model, spec["mode"].replace("_", "-"), spec["params"], commit="engine", endpoint_ms=None,
+                         batching="lock" if spec["batching"] == "lock" else "scheduler")
+    if spec["batching"] != "lock":
         from ..streaming.scheduler import CaptionSchedulerPool, SchedulerConfig
 
         svc._shared = CaptionSchedulerPool(model, spec["mode"], SchedulerConfig(
             max_streams=spec["max_sessions"] + 2, max_batch=spec["max_batch"], idle_timeout=None,
             sample_rate=model.cfg.sample_rate), **spec["params"])
+    svc.warmup()
     app = create_app(svc, None, Limits(max_sessions=spec["max_sessions"]))
     uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning", ws_max_size=4 * MAX_FRAME_BYTES,
                 ws="websockets-sansio" if _has_sansio() else "auto")
@@ -508,8 +508,6 @@ def run_load(args) -> int:
         if not args.in_process and not url:  # the server loads its model while we load ours
             proc, url, server_log = start_server(args, mode, params, max(ks) + 2, wait=False)
         if need_model and (args.model or not args.url):
-            import torch
-
             from ..checkpoint import load_model
 
             model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -583,7 +581,7 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "p99_latency_ms": best.get("p99_latency_ms"),
         "latency_budget_ms": round(budget_s * 1000, 1),
         "path": "in-process" if args.in_process else ("server:" + (args.url or "own 127.0.0.1 server")
-                                                      + (" (StreamScheduler)" if args.server_scheduler else "")),
+                                                      + f" (batching: {args.server_batching})"),
         "mode": mode, "mode_params": params, "model": args.model or "default", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
         "features_normalize": (None if model is None else model.cfg.preprocessor.normalize),
