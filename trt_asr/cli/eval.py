@@ -6,8 +6,10 @@ every other non-alphanumeric character -> space, whitespace collapsed. WER/CER a
 total reference words or characters), computed with jiwer when installed, else with the built-in edit distance
 (same numbers).
 
-Modes: ``offline`` (whole utterances, batched greedy decoding). ``buffered`` / ``cache-aware`` call
-``trt_asr.streaming.transcribe_arrays(model, audios, mode=..., **options)`` when the streaming package provides it.
+Modes: ``offline`` (whole utterances, batched greedy decoding); ``buffered`` (every utterance streamed through the
+session API, ``trt_asr.streaming.transcribe_streaming``, with --left-secs / --chunk-secs / --right-secs, default
+10 / 2 / 2 s); ``cache-aware`` (the same with the cache-aware mode, --att-context L,R in encoder frames and
+--chunk-frames; needs a model trained with chunked-limited attention).
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=0, help="only the first N utterances")
-    p.add_argument("--att-context", default=None, help="L,R attention context (cache-aware models)")
+    p.add_argument("--att-context", default=None, help="L,R attention context in encoder frames (cache-aware "
+                   "mode; offline: decode a multi-context model with this context)")
+    p.add_argument("--left-secs", type=float, default=10.0, help="buffered: left context (s)")
+    p.add_argument("--chunk-secs", type=float, default=2.0, help="buffered: chunk (s)")
+    p.add_argument("--right-secs", type=float, default=2.0, help="buffered: right context / lookahead (s)")
+    p.add_argument("--chunk-frames", type=int, default=None, help="cache-aware: encoder frames per chunk")
     p.add_argument("--max-wer", type=float, default=None, help="gate: fail if WER (in %%) is above this")
     p.add_argument("--max-cer", type=float, default=None, help="gate: fail if CER (in %%) is above this")
     p.add_argument("--report", default=None, help="write per-utterance results (JSONL) here")
@@ -85,17 +92,30 @@ def word_diff(ref: str, hyp: str) -> str:
     return " ".join(out)
 
 
-def transcribe(model, audios, mode: str, batch_size: int, att_context=None) -> list[str]:
+def stream_params(mode: str, left_secs: float = 10.0, chunk_secs: float = 2.0, right_secs: float = 2.0,
+                  att_context=None, chunk_frames: int | None = None) -> dict:
+    """Keyword arguments of ``transcribe_streaming`` for a streaming mode."""
+    if mode == "buffered":
+        return {"left_secs": left_secs, "chunk_secs": chunk_secs, "right_secs": right_secs}
+    params = {}
+    if att_context is not None:
+        params["att_context_size"] = list(att_context)
+    if chunk_frames:
+        params["chunk_frames"] = chunk_frames
+    return params
+
+
+def transcribe(model, audios, mode: str, batch_size: int, att_context=None, **stream) -> list[str]:
+    """Hypothesis texts. ``stream``: left_secs / chunk_secs / right_secs (buffered), chunk_frames (cache-aware)."""
     if mode == "offline":
         from ..training.infer import transcribe_arrays
         return transcribe_arrays(model, audios, batch_size=batch_size, att_context_size=att_context)
-    try:  # hook for the streaming package
-        from .. import streaming
-        fn = getattr(streaming, "transcribe_arrays")
-    except (ImportError, AttributeError):
-        raise SystemExit(f"mode {mode!r} needs trt_asr.streaming.transcribe_arrays(model, audios, mode=...), "
-                         f"which this build does not provide yet") from None
-    return fn(model, audios, mode=mode, att_context_size=att_context)
+    if mode not in ("buffered", "cache-aware", "cache_aware"):
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    from ..streaming import transcribe_streaming
+
+    params = stream_params("buffered" if mode == "buffered" else "cache-aware", att_context=att_context, **stream)
+    return [t.text for t in transcribe_streaming(model, audios, mode=mode.replace("-", "_"), **params)]
 
 
 def run(args) -> int:
@@ -109,18 +129,33 @@ def run(args) -> int:
     if args.limit:
         entries = entries[: args.limit]
     model = load_model(args.model, device=args.device)
-    att = [int(v) for v in args.att_context.split(",")] if args.att_context else None
+    try:
+        att = [int(v) for v in args.att_context.split(",")] if args.att_context else None
+        if att is not None and len(att) != 2:
+            raise ValueError
+    except ValueError:
+        print(f"error: --att-context must be L,R (two integers), got {args.att_context!r}", file=sys.stderr)
+        return 2
     audios = [load_audio(e["audio_filepath"], model.cfg.sample_rate) for e in entries]
     seconds = sum(len(a) for a in audios) / model.cfg.sample_rate
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        hyps = transcribe(model, audios, args.mode, args.batch_size, att)
+    stream = {}
+    if args.mode == "buffered":
+        stream = {"left_secs": args.left_secs, "chunk_secs": args.chunk_secs, "right_secs": args.right_secs}
+    elif args.mode == "cache-aware" and args.chunk_frames:
+        stream = {"chunk_frames": args.chunk_frames}
+    try:
+        with torch.inference_mode():
+            hyps = transcribe(model, audios, args.mode, args.batch_size, att, **stream)
+    except ValueError as e:  # e.g. cache-aware mode on a model not trained for it, bad stream parameters
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     refs = [e["text"] for e in entries]
     summary = score(refs, hyps)
-    summary.update(model=model.name, mode=args.mode, utterances=len(entries), audio_seconds=round(seconds, 2),
+    summary.update(model=model.name, mode=args.mode, stream_params=stream or None, utterances=len(entries), audio_seconds=round(seconds, 2),
                    wall_seconds=round(wall, 3), rtfx=round(seconds / wall, 1) if wall > 0 else None)
     rows = []
     for e, r, h in zip(entries, refs, hyps):
@@ -143,7 +178,12 @@ def run(args) -> int:
         bad = [r for r in rows if r["word_errors"]]
         for r in sorted(bad, key=lambda r: -r["word_errors"])[: args.show_errors]:
             print(f"{Path(r['audio_filepath']).name}: {r['word_errors']}/{r['words']}  {r['diff']}")
-        print(f"{summary['model']} [{args.mode}] on {len(entries)} utterances ({seconds:.0f} s): "
+        label = args.mode
+        if args.mode == "buffered":
+            label += f" {args.left_secs:g}/{args.chunk_secs:g}/{args.right_secs:g} s"
+        elif att is not None:
+            label += f" att {att[0]},{att[1]}"
+        print(f"{summary['model']} [{label}] on {len(entries)} utterances ({seconds:.0f} s): "
               f"WER {summary['wer'] * 100:.2f} %  CER {summary['cer'] * 100:.2f} %  RTFx {summary['rtfx']}  "
               f"({len(bad)} utterances with errors; scorer {summary['scorer']})")
         for name, v, m in gates:
