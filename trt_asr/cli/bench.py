@@ -71,7 +71,8 @@ def register(sub) -> None:
     lp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     lp.add_argument("--max-batch", type=int, default=64, help="scheduler: streams per step at most")
     lp.add_argument("--frame-ms", type=float, default=100.0, help="client frame size")
-    lp.add_argument("--audio", nargs="*", default=None, help="audio files to replay (default: synthetic speech)")
+    lp.add_argument("--audio", nargs="*", default=None,
+                    help="audio files to replay (default: the shipped example.wav, else synthetic speech)")
     lp.add_argument("--latency-budget-ms", type=float, default=None, help="default: the chunk duration")
     lp.add_argument("--drain-timeout", type=float, default=60.0, help="seconds after the last audio to wait")
     lp.add_argument("--no-check", action="store_true", help="skip the transcript comparison")
@@ -105,6 +106,11 @@ def mode_params(args) -> tuple[str, dict, float]:
 
 
 def load_source_audio(paths, seconds_needed: float, seed: int) -> np.ndarray:
+    from importlib import resources
+
+    example = resources.files("trt_asr.assets").joinpath("example.wav")
+    if not paths and example.is_file():  # the shipped speech clip (tiled, a different offset per stream)
+        paths = [str(example)]
     if paths:
         from ..audio import load_audio
 
