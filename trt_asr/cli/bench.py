@@ -206,44 +206,10 @@ def reference_texts(model, mode: str, params: dict, audios) -> list[str]:
     return [_detok(model, [t.id for t in ts]) for ts in toks]
 
 
-class _DeviceFront:
-    """CacheAwareMode computes mel frames from CPU PCM; on CUDA its featurizer needs inputs on the device. This
-    proxy moves them there and the frames back (to be fixed in the mode itself; see docs/capacity.md)."""
-
-    def __init__(self, front):
-        self._front = front
-        self._device = front.window.device
-
-    def __getattr__(self, name):
-        return getattr(self._front, name)
-
-    def log_mel(self, audio, lengths):
-        return self._front.log_mel(audio.to(self._device), lengths.to(self._device)).cpu()
-
-
-def _cuda_compat() -> None:
-    from ..streaming import cache_aware as ca
-
-    cls = ca.CacheAwareMode
-    if getattr(cls, "_bench_device_front", False):
-        return
-    init = cls.__init__
-
-    def patched(self, *a, **k):
-        init(self, *a, **k)
-        window = getattr(self.front, "window", None)
-        if window is not None and window.device.type != "cpu":
-            self.front = _DeviceFront(self.front)
-
-    cls.__init__ = patched
-    cls._bench_device_front = True
-
-
 def _streamable_features(model, mode: str) -> bool:
     """Cache-aware mode with a per-feature-normalised model (v3): normalisation over "the audio so far" depends on
     arrival timing, so streamed != alone. Cache-aware models use unnormalised features (NeMo); do the same here so
     the figures measure the engine and the transcripts can be checked. Returns True if changed."""
-    _cuda_compat()
     if mode.replace("-", "_") == "cache_aware" and model.cfg.preprocessor.normalize:
         model.cfg.preprocessor.normalize = None
         return True

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import EncoderConfig
+from .frontend import StreamingFrontEnd
 
 
 class NonCausalStreamingError(ValueError):
@@ -350,9 +351,9 @@ class CacheAwareStreamState:
     """Per-stream state of ``CacheAwareMode``: PCM not yet turned into mel frames, mel frames not yet stepped, the
     encoder caches (batch 1, batch-first) and the decoder state."""
 
-    def __init__(self, params: CacheAwareParams, caches: dict, feat_in: int):
-        self.pcm = torch.zeros(0)
-        self.pcm_start = 0            # absolute sample index of pcm[0]
+    def __init__(self, params: CacheAwareParams, caches: dict, feat_in: int, front=None):
+        self.front = front            # StreamingFrontEnd (un-normalised features), or None: normalise what arrived
+        self.pcm = torch.zeros(0)     # only kept when normalising over the audio so far
         self.received = 0
         self.ended = False
         self.finished = False
@@ -394,8 +395,8 @@ class CacheAwareMode:
         self.decoder = model.greedy_decoder()
         self.sample_rate = model.cfg.sample_rate
         self.frame_seconds = model.cfg.frame_seconds
-        self.front = model.preprocessor.featurizer
-        self.hop, self.n_fft = self.front.hop, self.front.n_fft
+        self.featurizer = model.preprocessor.featurizer
+        self.hop, self.n_fft = self.featurizer.hop, self.featurizer.n_fft
         self.normalized = bool(model.cfg.preprocessor.normalize)
         if self.normalized:
             warnings.warn("per-feature normalisation is not streamable: cache-aware sessions normalise over the "
@@ -408,22 +409,38 @@ class CacheAwareMode:
     # -------------------------------------------------------------- buffering
     def new_stream(self) -> CacheAwareStreamState:
         caches = initial_caches(self.params, 1, self.model.device, self.model.dtype)
-        return CacheAwareStreamState(self.params, caches, self.params.feat_in)
+        return CacheAwareStreamState(self.params, caches, self.params.feat_in, self._new_front())
+
+    def _new_front(self):
+        return None if self.normalized else StreamingFrontEnd(self.featurizer)
 
     def push(self, s: CacheAwareStreamState, pcm: torch.Tensor) -> None:
-        s.pcm = torch.cat((s.pcm, pcm.to(torch.float32)))
+        pcm = pcm.detach().to("cpu", torch.float32).reshape(-1)
         s.received += pcm.numel()
+        if s.front is None:
+            s.pcm = torch.cat((s.pcm, pcm))
+        else:
+            self._append_mel(s, s.front.push(pcm))
 
     def end(self, s: CacheAwareStreamState) -> None:
         s.ended = True
+        if s.front is not None:
+            self._append_mel(s, s.front.finish())
+
+    @staticmethod
+    def _append_mel(s, new: torch.Tensor) -> None:
+        s.mel = torch.cat((s.mel, new.to(s.mel.dtype)), dim=1)
+        s.mel_done += new.shape[1]
 
     def _frames_needed(self, s) -> int:
         return self.params.chunk_size[0 if (s.chunks_done == 0 and not self.params.pad_and_drop_preencoded) else 1]
 
     def _stable_frames(self, s) -> int:
         """Mel frames whose STFT window lies inside the received audio (all frames once the stream ended)."""
+        if s.front is not None:
+            return s.mel_done  # the streaming front end emits exactly the stable frames
         if s.ended:
-            return int(self.front.num_frames(torch.tensor(s.received)))
+            return int(self.featurizer.num_frames(torch.tensor(s.received)))
         return max((s.received - self.n_fft // 2) // self.hop + 1, 0)
 
     def ready(self, s: CacheAwareStreamState) -> bool:
@@ -432,23 +449,16 @@ class CacheAwareMode:
         return s.ended or (self._stable_frames(s) - s.mel_done + s.mel.shape[1]) >= self._frames_needed(s)
 
     def _update_mel(self, s) -> None:
-        """Compute the newly stable mel frames. A frame's window spans n_fft/2 samples either side (plus one for
-        pre-emphasis), so recomputing from 3 frames back reproduces the offline frames exactly."""
+        """Normalised features only: recompute over all audio so far (per-feature statistics need all of it) and
+        append the newly stable frames. (Un-normalised frames come from the streaming front end in ``push``.)"""
+        if s.front is not None:
+            return
         k1 = self._stable_frames(s)
         if k1 <= s.mel_done:
             return
-        if self.normalized:  # whole audio so far (kept), normalised over it
-            feats, _ = self.model.features(s.pcm[None], torch.tensor([s.received]))
-            new = feats[0, :, s.mel_done:k1]
-        else:
-            j0 = max(s.mel_done - 3, 0)
-            seg = s.pcm[j0 * self.hop - s.pcm_start:]
-            mel = self.front.log_mel(seg[None], torch.tensor([seg.numel()]))[0]
-            new = mel[:, s.mel_done - j0: k1 - j0]
-            keep_from = max(k1 - 3, 0) * self.hop  # the next update starts 3 frames before k1
-            s.pcm, s.pcm_start = s.pcm[keep_from - s.pcm_start:], keep_from
-        s.mel = torch.cat((s.mel, new.to(s.mel.dtype)), dim=1)
-        s.mel_done = k1
+        feats, _ = self.model.features(s.pcm[None].to(self.model.device), torch.tensor([s.received],
+                                                                                       device=self.model.device))
+        self._append_mel(s, feats[0, :, s.mel_done:k1].cpu())
 
     # -------------------------------------------------------------- one batched step
     @torch.no_grad()
@@ -473,8 +483,10 @@ class CacheAwareMode:
                                   finished=s.finished))
         return out
 
-    def _step_group(self, group, first: bool):
-        p, device, dtype = self.params, self.model.device, self.model.dtype
+    def _take_chunks(self, group, first: bool) -> tuple[list[torch.Tensor], list[int]]:
+        """Each stream's next chunk of mel frames behind its pre-encode cache ([F, pre + chunk], zero-padded past
+        the end of a stream) and its valid length; advances the streams' feature buffers."""
+        p = self.params
         first = first and not p.pad_and_drop_preencoded
         chunk = p.chunk_size[0 if first else 1]
         pre = p.pre_encode_cache_size[0 if first else 1]
@@ -489,6 +501,11 @@ class CacheAwareMode:
             audio.append(a)
             lengths.append(pre + real)
             s.finished = s.ended and s.mel.shape[1] == 0 and s.mel_done >= self._stable_frames(s)
+        return audio, lengths
+
+    def _step_group(self, group, first: bool):
+        device, dtype = self.model.device, self.model.dtype
+        audio, lengths = self._take_chunks(group, first)
         inputs = {"audio_signal": torch.stack(audio).to(device, dtype),
                   "length": torch.tensor(lengths, dtype=torch.long, device=device)}
         for name in ("cache_last_channel", "cache_last_time", "cache_last_channel_len"):

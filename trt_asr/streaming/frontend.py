@@ -33,6 +33,9 @@ class StreamingFrontEnd:
         self.cfg = featurizer.cfg
         self.hop, self.n_fft = featurizer.hop, featurizer.n_fft
         self.half = self.n_fft // 2
+        # features are computed on the CPU from CPU audio, whatever device the model is on
+        self.window = featurizer.window.detach().float().cpu()
+        self.fb = featurizer.fb.detach().float().cpu()
         self.reset()
 
     def reset(self) -> None:
@@ -91,12 +94,12 @@ class StreamingFrontEnd:
     def _log_mel(self, seg: torch.Tensor) -> torch.Tensor:
         """The offline front end's ops after pre-emphasis and padding (center=False on already padded samples)."""
         fe = self.fe
-        spec = torch.stft(seg[None], self.n_fft, hop_length=self.hop, win_length=fe.win, window=fe.window.float(),
+        spec = torch.stft(seg[None], self.n_fft, hop_length=self.hop, win_length=fe.win, window=self.window,
                           center=False, return_complex=True)
         power = torch.view_as_real(spec).pow(2).sum(-1).sqrt()
         if self.cfg.mag_power != 1.0:
             power = power.pow(self.cfg.mag_power)
-        mel = torch.matmul(fe.fb.float(), power)
+        mel = torch.matmul(self.fb, power)
         if self.cfg.log:
             mel = torch.log(mel + self.cfg.log_zero_guard_value)
         return mel[0]

@@ -801,7 +801,7 @@ def pooled_cache_aware_mode(model, capacity: int = 64, buckets: Sequence[int] = 
             self.buckets = self.pool.buckets
 
         def new_stream(self):
-            s = CacheAwareStreamState(self.params, None, self.params.feat_in)
+            s = CacheAwareStreamState(self.params, None, self.params.feat_in, self._new_front())
             s.slot = self.pool.acquire()
             s._free_slot = weakref.finalize(s, self.pool.release, s.slot)  # runs once: release() or garbage
             return s
@@ -813,21 +813,8 @@ def pooled_cache_aware_mode(model, capacity: int = 64, buckets: Sequence[int] = 
                 fin()
 
         def _step_group(self, group, first: bool):
-            p, device, dtype = self.params, self.model.device, self.model.dtype
-            first = first and not p.pad_and_drop_preencoded
-            chunk = p.chunk_size[0 if first else 1]
-            pre = p.pre_encode_cache_size[0 if first else 1]
-            audio, lengths = [], []
-            for s in group:
-                body = s.mel[:, :chunk]
-                s.mel = s.mel[:, chunk:]
-                real = body.shape[1]
-                body = torch.nn.functional.pad(body, (0, chunk - real))
-                a = torch.cat((s.pre_encode_cache[:, s.pre_encode_cache.shape[1] - pre:], body), dim=1)
-                s.pre_encode_cache = a[:, a.shape[1] - p.pre_encode_cache_size[1]:]
-                audio.append(a)
-                lengths.append(pre + real)
-                s.finished = s.ended and s.mel.shape[1] == 0 and s.mel_done >= self._stable_frames(s)
+            device, dtype = self.model.device, self.model.dtype
+            audio, lengths = self._take_chunks(group, first)
             n = len(group)
             slots = [s.slot for s in group]
             st = self.pool.gather(slots)  # bucket rows: [n real | padding copies of the first]
