@@ -16,7 +16,7 @@ def register(sub) -> None:
     p = sub.add_parser("parity", help="streaming parity of an engine vs a reference", description=__doc__,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--engine", default="torch",
-                   help="torch | torch-cuda[:fp16] | module:Class, optionally +noise:<output>:<sigma> / "
+                   help="torch | torch-cuda[:fp16] | onnxruntime | tensorrt | module:Class, optionally +noise:<output>:<sigma> / "
                         "+weight:<param>:<sigma> (deliberately broken, to test the harness)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ref", help="reference folder (trt-asr reference --out)")

@@ -60,20 +60,6 @@ class PerturbedEngine:
         return out
 
 
-class ByChunkKind:
-    """Two engines built for a fixed ``drop_extra_pre_encoded`` each, dispatched by the chunk kind (first chunk:
-    no pre-encode cache, drop 0; later chunks: drop), told by ``audio_signal``'s frame count as in the contract."""
-
-    def __init__(self, first_engine, later_engine, params):
-        self.first, self.later, self.params = first_engine, later_engine, params
-        self.name, self.mode = later_engine.name, "stream"
-        self.precision, self.device = later_engine.precision, later_engine.device
-
-    def step(self, inputs):
-        first = self.params.is_first_chunk(inputs["audio_signal"].shape[-1])
-        return (self.first if first else self.later).step(inputs)
-
-
 def perturb_weight(model, name: str, sigma: float, seed: int = 0):
     """A deep copy of ``model`` with N(0, sigma^2) added to the encoder parameter ``name`` (a "wrong weight")."""
     import copy
@@ -87,37 +73,26 @@ def perturb_weight(model, name: str, sigma: float, seed: int = 0):
 
 def make_engine(spec: str, model, params, check: bool = False, mode: str = "stream"):
     """Engine from a spec:
-      torch                                   fp32 eager reference engine
-      torch-cuda[:fp16|bf16|fp32]             CUDA-graph engine (trt_asr.engines.torch_cuda), when available
+      torch | torch-cuda | onnxruntime | tensorrt [:fp32|fp16|bf16]   through ``trt_asr.engines.create_engine``
+                                              (onnxruntime exports the model to a temporary directory first)
       <module>:<Class>                        any EncoderEngine class taking (model, mode='stream', params=...)
       <spec>+noise:<output>:<sigma>           perturbed on purpose (harness self-test); also +scale:<output>:<f>
       <spec>+weight:<param>:<sigma>           with one encoder weight perturbed
     ``check`` turns on the engine's own contract checks (the harness checks independently anyway)."""
+    from ..engines import ENGINES, _ALIASES, create_engine
+
     base, *perturbs = spec.split("+")
     weight_perturbs = [p for p in perturbs if p.startswith("weight:")]
     for wp in weight_perturbs:
         _, pname, sigma = wp.split(":")
         model = perturb_weight(model, pname, float(sigma))
-    if base == "torch":
-        from ..engines.torch_engine import TorchEncoderEngine
-
-        engine = TorchEncoderEngine(model, mode=mode, params=params, check=check)
-    elif base.startswith("torch-cuda"):
-        from ..engines.torch_cuda import TorchCudaEngine
-
-        precision = base.partition(":")[2] or "fp32"
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if mode == "window":
-            engine = TorchCudaEngine(model, mode="window", precision=precision, device=device)
-        else:
-            make = lambda drop: TorchCudaEngine(model, mode="stream", precision=precision,  # noqa: E731
-                                                device=device, drop_extra_pre_encoded=drop,
-                                                cache_drop_size=params.cache_drop_size,
-                                                att_context_size=list(params.att_context_size))
-            engine = ByChunkKind(make(params.drop_extra(True)), make(params.drop_extra(False)), params)
-    elif ":" in base:
-        module, _, cls = base.partition(":")
-        engine = getattr(importlib.import_module(module), cls)(model, mode=mode, params=params)
+    name, _, precision = base.partition(":")
+    if name.lower() in ENGINES or name.lower() in _ALIASES:
+        kwargs = {"check": check} if name == "torch" else {}
+        device = "cuda" if name.startswith("torch-cuda") and torch.cuda.is_available() else None
+        engine = create_engine(name, model, mode, precision or "fp32", device, params=params, **kwargs)
+    elif precision:
+        engine = getattr(importlib.import_module(name), precision)(model, mode=mode, params=params)
     else:
         raise ValueError(f"unknown engine spec {spec!r}")
     if weight_perturbs:
