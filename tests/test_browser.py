@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_server import MODEL, STREAM, free_port, norm, stream_reference
+from tests.test_server import MODEL, STREAM, assert_heard, free_port, norm, stream_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") \
@@ -135,6 +135,7 @@ def test_live_captions_page_with_fake_microphone(playwright_sync, page_server, f
                          + [rs.process(np.zeros(0, np.float32), last=True)])
     model = load_model(MODEL)
     assert norm(join_finals(state["finals"])) == stream_reference(model, ref)
+    assert_heard(join_finals(state["finals"]), max_wer=0.3)  # real words, through the browser's resampling
     if not MODEL.startswith("random:"):  # a trained model: the captions say what the WAV says
         from trt_asr.transcribe import Transcriber
 
