@@ -294,3 +294,18 @@ def test_longform_seams_5min(model):
 @pytest.mark.slow
 def test_longform_seams_30min(model):
     _run_longform(model, 30.0)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("windows", [[], ["--left-secs", "2", "--chunk-secs", "0.48", "--right-secs", "0.48"]],
+                         ids=["10-2-2", "2-0.48-0.48"])
+def test_cli_transcribe_stream_buffered_example(windows):
+    """`trt-asr transcribe --stream buffered example.wav` (default model = the demo model) prints the spoken text."""
+    _nemo()
+    wav = str(ASSETS.joinpath("example.wav"))
+    ref = ASSETS.joinpath("example.txt").read_text().strip()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "trt_asr", "transcribe", "--stream", "buffered", *windows, wav],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ref, (r.stdout, ref)
