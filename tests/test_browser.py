@@ -11,22 +11,19 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.test_server import MODEL, STREAM, assert_heard, free_port, norm, stream_reference
+from tests.test_server import MODEL, TOKEN, assert_heard, free_port, norm, serve_process, stream_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") \
     or shutil.which("google-chrome")
 # the docs screenshot is rewritten only on request (UPDATE_SCREENSHOT=1), so test runs leave the tree clean
 SCREENSHOT = ROOT / "docs" / "live-captions.png"
-TOKEN = "browser-token"
+
 
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)"),
@@ -48,35 +45,8 @@ def fake_mic_wav(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page_server():
-    import httpx
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "trt_asr", "serve", "--port", str(port), "--model", MODEL, "--mode", "buffered",
-           "--left-secs", str(STREAM["left_secs"]), "--chunk-secs", str(STREAM["chunk_secs"]),
-           "--right-secs", str(STREAM["right_secs"]), "--token", TOKEN]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            pytest.fail("server did not come up")
+    with serve_process(free_port()) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def test_live_captions_page_with_fake_microphone(playwright_sync, page_server, fake_mic_wav, tmp_path):

@@ -4,6 +4,7 @@ the same DSP path run offline; the OpenAI-compatible endpoint, health, and clear
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -42,9 +43,9 @@ def speech_wav(tmp_path_factory):
     return make_speech_wav(tmp_path_factory.mktemp("audio") / "speech.wav")
 
 
-@pytest.fixture(scope="module")
-def server():
-    port = free_port()
+@contextlib.contextmanager
+def serve_process(port: int):
+    """`trt-asr serve` (demo model, buffered, token) as a real process on 127.0.0.1; yields its base URL."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "trt_asr", "serve", "--host", "127.0.0.1", "--port", str(port), "--model", MODEL,
            "--mode", "buffered", "--left-secs", str(STREAM["left_secs"]), "--chunk-secs", str(STREAM["chunk_secs"]),
@@ -63,7 +64,7 @@ def server():
                 time.sleep(0.3)
         else:
             pytest.fail("server did not come up")
-        yield {"base": base, "ws": f"ws://127.0.0.1:{port}/v1/stream", "port": port}
+        yield base
     finally:
         proc.terminate()
         try:
@@ -71,6 +72,13 @@ def server():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    with serve_process(port) as base:
+        yield {"base": base, "ws": f"ws://127.0.0.1:{port}/v1/stream", "port": port}
 
 
 @pytest.fixture(scope="module")
