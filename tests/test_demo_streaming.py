@@ -22,7 +22,6 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

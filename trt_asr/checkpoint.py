@@ -4,6 +4,7 @@ tokenizer files)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -20,7 +21,6 @@ from .model.asr import TransducerModel
 from .tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_MODEL = "demo"  # resolved by default_model_spec()
 CACHE_DIR = Path(os.environ.get("TRT_ASR_CACHE", Path.home() / ".cache" / "trt_asr"))
 
 
@@ -63,14 +63,12 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu", dtyp
 
 # ----------------------------------------------------------------------------------------------- reading
 def _find_tokenizer(folder: Path, cfg: dict) -> Path | None:
-    tok = (cfg.get("tokenizer") or {})
-    for key in ("model_path",):
-        value = tok.get(key)
-        if value:
-            name = str(value).replace("nemo:", "")
-            for candidate in (folder / name, folder / Path(name).name):
-                if candidate.is_file():
-                    return candidate
+    value = (cfg.get("tokenizer") or {}).get("model_path")
+    if value:
+        name = str(value).replace("nemo:", "")
+        for candidate in (folder / name, folder / Path(name).name):
+            if candidate.is_file():
+                return candidate
     found = sorted(folder.glob("*tokenizer.model")) or sorted(folder.glob("*.model"))
     return found[0] if found else None
 
@@ -91,15 +89,15 @@ def load_folder(folder: Path, name: str | None = None) -> TransducerModel:
     if tokenizer is not None and tokenizer.vocab_size != vocab:
         raise ModelLoadError(f"tokenizer has {tokenizer.vocab_size} pieces but the model predicts {vocab}")
     model = TransducerModel(cfg)
-    missing, unexpected = _load_state(model, state)
+    _load_state(model, state)
     model.tokenizer = tokenizer
     model.name = name or folder.name
     return model
 
 
-def _load_state(model: TransducerModel, state: dict):
+def _load_state(model: TransducerModel, state: dict) -> None:
     try:
-        return model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelLoadError(f"checkpoint does not match the architecture its config describes:\n{e}") from None
 
@@ -121,7 +119,6 @@ def load_nemo(path: Path) -> TransducerModel:
         if model.tokenizer is not None:  # keep the tokenizer file alive past the temp dir
             CACHE_DIR.mkdir(parents=True, exist_ok=True)
             data = model.tokenizer.model_bytes
-            import hashlib
             keep = CACHE_DIR / f"tokenizer-{hashlib.sha256(data).hexdigest()[:16]}.model"
             if not keep.exists():
                 keep.write_bytes(data)

@@ -9,7 +9,6 @@ Cue rules: at most ``max_chars`` (42) characters per line, at most ``max_lines``
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from dataclasses import dataclass
 from typing import IO, Callable

@@ -17,7 +17,7 @@ tokens the engine itself guarantees final). ``TranscriptState.update``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..tokenizer import WORD_START

@@ -33,8 +33,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from ..audio import AudioError
     from ..captions.service import CaptionService
     from ..captions.sinks import CaptionFileWriter, JsonLinesWriter, TerminalView

@@ -31,7 +31,6 @@ def run(args) -> int:
     except ImportError:
         print("error: serving needs the [serve] extra: pip install 'trt-asr-engine[serve]'", file=sys.stderr)
         return 2
-    import torch
 
     from ..captions.service import CaptionService
     from ..checkpoint import ModelLoadError
