@@ -127,6 +127,30 @@ class SharedRecognizer:
             return SessionRecognizer(self, self.recognizer.open())
 
 
+def caption_token(model, frame_seconds: float, t) -> Token:
+    """A streaming token (id, frame, duration) as a captions Token with times in seconds."""
+    tok = model.tokenizer
+    span = max(int(t.duration), 1)
+    return Token(int(t.id), t.frame * frame_seconds, (t.frame + span) * frame_seconds,
+                 tok.starts_word(int(t.id)) if tok else True, tok.piece(int(t.id)) if tok else f"<{t.id}>")
+
+
+def stream_horizon(state, received: int, sample_rate: int, frame_seconds: float, mode: str,
+                   last: bool) -> tuple[float, float | None]:
+    """(live edge in seconds, time before which the engine's output is final or None) for a session's state."""
+    edge = getattr(state, "left_sample", None)
+    edge = received if edge is None or last else min(int(edge), received)
+    if last:
+        final_until = edge / sample_rate
+    elif hasattr(state, "frames_decoded"):  # buffered: frames before the current chunk's end are final
+        final_until = int(state.frames_decoded) * frame_seconds
+    elif mode.startswith("cache"):  # cache-aware: everything emitted is final
+        final_until = edge / sample_rate
+    else:
+        final_until = None
+    return edge / sample_rate, final_until
+
+
 class SessionRecognizer:
     """``StreamingRecognizer`` over a ``trt_asr.streaming`` session: committed tokens are engine-final (buffered: the
     chunk; cache-aware: everything emitted), the tentative tail (buffered: the right context) is revisable."""
@@ -142,10 +166,7 @@ class SessionRecognizer:
         self._committed: list[Token] = []
 
     def _token(self, t) -> Token:
-        tok = self.model.tokenizer
-        span = max(int(t.duration), 1)
-        return Token(int(t.id), t.frame * self._fs, (t.frame + span) * self._fs,
-                     tok.starts_word(int(t.id)) if tok else True, tok.piece(int(t.id)) if tok else f"<{t.id}>")
+        return caption_token(self.model, self._fs, t)
 
     def _hyp(self, events, last: bool) -> Hypothesis | None:
         if not events and not last:
@@ -155,17 +176,8 @@ class SessionRecognizer:
             self._committed.extend(self._token(t) for t in s.tokens[len(self._committed):])
         committed = self._committed
         tentative = [] if last else [self._token(t) for t in s.tentative]
-        edge = getattr(s.state, "left_sample", None)
-        edge = self._received if edge is None or last else min(int(edge), self._received)
-        if last:
-            final_until = edge / self.sample_rate
-        elif hasattr(s.state, "frames_decoded"):  # buffered: frames before the current chunk's end are final
-            final_until = int(s.state.frames_decoded) * self._fs
-        elif self.mode.startswith("cache"):  # cache-aware: everything emitted is final
-            final_until = edge / self.sample_rate
-        else:
-            final_until = None
-        return Hypothesis(committed + tentative, len(committed), edge / self.sample_rate, last, final_until)
+        edge, final_until = stream_horizon(s.state, self._received, self.sample_rate, self._fs, self.mode, last)
+        return Hypothesis(committed + tentative, len(committed), edge, last, final_until)
 
 
     def feed(self, audio: np.ndarray) -> Hypothesis | None:

@@ -34,21 +34,16 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..audio import AudioError
-    from ..captions.service import CaptionService
+    from ._captions import load_caption_service
     from ..captions.sinks import CaptionFileWriter, JsonLinesWriter, TerminalView
     from ..captions.sources import file_source, mic_source, stdin_source
-    from ..checkpoint import ModelLoadError
 
     if not args.mic and args.input is None:
         print("error: give an audio FILE, - for raw PCM on stdin, or --mic", file=sys.stderr)
         return 2
-    try:
-        svc = CaptionService.from_args(args)
-    except (ModelLoadError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    svc = load_caption_service(args)
+    if svc is None:
         return 2
-    if svc.model_name.startswith("random:"):
-        print(f"note: model {svc.model_name} has RANDOM weights; its captions are meaningless", file=sys.stderr)
     try:
         if args.mic:
             info, chunks = mic_source(16000, args.channels, max_seconds=args.seconds)

@@ -32,20 +32,15 @@ def run(args) -> int:
         print("error: serving needs the [serve] extra: pip install 'trt-asr-engine[serve]'", file=sys.stderr)
         return 2
 
-    from ..captions.service import CaptionService
-    from ..checkpoint import ModelLoadError
+    from ._captions import load_caption_service
     from ..serving.app import MAX_FRAME_BYTES, Limits, create_app
 
     token = args.token or os.environ.get("TRT_ASR_TOKEN") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         print(f"warning: binding {args.host} without --token: anyone who can reach it can use it", file=sys.stderr)
-    try:
-        svc = CaptionService.from_args(args)
-    except (ModelLoadError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    svc = load_caption_service(args)
+    if svc is None:
         return 2
-    if svc.model_name.startswith("random:"):
-        print(f"note: model {svc.model_name} has RANDOM weights; its captions are meaningless", file=sys.stderr)
     if not args.no_warmup:
         svc.warmup()
     limits = Limits(max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))

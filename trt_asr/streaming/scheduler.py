@@ -893,12 +893,9 @@ class _CaptionStream:
         self._tentative: list = []
 
     def _token(self, t):
-        from ..captions.transcript import Token as CapToken
+        from ..captions.recognizer import caption_token
 
-        tok = self.model.tokenizer
-        span = max(int(t.duration), 1)
-        return CapToken(int(t.id), t.frame * self._fs, (t.frame + span) * self._fs,
-                        tok.starts_word(int(t.id)) if tok else True, tok.piece(int(t.id)) if tok else f"<{t.id}>")
+        return caption_token(self.model, self._fs, t)
 
     def _take(self, events) -> list:
         out = []
@@ -915,20 +912,12 @@ class _CaptionStream:
 
         if not events and not last:
             return None
+        from ..captions.recognizer import stream_horizon
+
         state = self.stream.session.state if self.stream.session is not None else None
-        edge = getattr(state, "left_sample", None)
-        edge = self._received if edge is None or last else min(int(edge), self._received)
-        if last:
-            final_until = edge / self.sample_rate
-        elif hasattr(state, "frames_decoded"):
-            final_until = int(state.frames_decoded) * self._fs
-        elif self.mode.startswith("cache"):
-            final_until = edge / self.sample_rate
-        else:
-            final_until = None
+        edge, final_until = stream_horizon(state, self._received, self.sample_rate, self._fs, self.mode, last)
         tentative = [] if last else self._tentative
-        return Hypothesis(self._committed + tentative, len(self._committed), edge / self.sample_rate, last,
-                          final_until)
+        return Hypothesis(self._committed + tentative, len(self._committed), edge, last, final_until)
 
     def feed(self, audio: np.ndarray):
         audio = np.asarray(audio, np.float32)
