@@ -179,14 +179,18 @@ def test_uneven_lengths_and_last_partial_chunk(tiny):
     assert state.tokens == toks.to_lists()
 
 
-def test_session_mode_equals_offline(tiny):
+@pytest.mark.parametrize("att", [None, (16, 0)])
+def test_session_mode_equals_offline(tiny, att):
     """PCM pieces of any size through the session API (CacheAwareMode, batched sessions) give the tokens of the
-    offline forward with the chunked-limited mask, decoded in one go (no feature normalisation: streamable)."""
+    offline forward with the chunked-limited mask, decoded in one go (no feature normalisation: streamable).
+    (16, 0): no lookahead, so the first chunk (1 mel frame) is shorter than the pre-encode cache (9 frames)."""
     from trt_asr.streaming import stream_tokens
 
     model = load_model("random:tiny-cache-aware")
     model.cfg.preprocessor.normalize = None
-    p = CacheAwareParams.for_encoder(model.cfg.encoder)
+    p = CacheAwareParams.for_encoder(model.cfg.encoder, att_context_size=att)
+    if att is not None:
+        assert p.chunk_size[0] < p.pre_encode_cache_size[1]
     torch.manual_seed(2)
     audios = [torch.randn(16000 * 2 + 537) * 0.1, torch.randn(9001) * 0.1]
     want = []
@@ -197,7 +201,8 @@ def test_session_mode_equals_offline(tiny):
             want.append(toks.to_lists()[0])
     assert any(want), "the random model should emit something"
     for piece in (None, 0.013, 0.37):
-        got = stream_tokens(model, audios, mode="cache_aware", piece_secs=piece)
+        got = stream_tokens(model, audios, mode="cache_aware", piece_secs=piece,
+                            **({} if att is None else {"att_context_size": att}))
         assert [[(t.id, t.frame, t.duration) for t in g] for g in got] == want, piece
 
 
@@ -238,14 +243,16 @@ def test_non_causal_model_in_cache_aware_mode_differs_from_offline(tiny):
     assert errs["noncausal"] > 0.05, errs
 
 
-def test_incremental_step_equals_whole_sequence(tiny):
-    """CacheAwareStreamer.step (new frames only; it keeps the pre-encode cache) == stream_features."""
-    p = CacheAwareParams.for_encoder(tiny.cfg.encoder)
+@pytest.mark.parametrize("att", [None, (16, 0)])
+def test_incremental_step_equals_whole_sequence(tiny, att):
+    """CacheAwareStreamer.step (new frames only; it keeps the pre-encode cache) == stream_features, also when the
+    first chunk is shorter than the pre-encode cache (no lookahead)."""
+    p = CacheAwareParams.for_encoder(tiny.cfg.encoder, att_context_size=att)
     torch.manual_seed(4)
-    total = frames_for_chunks(12, p) - 7
+    total = frames_for_chunks(12, p) - (7 if att is None else 3)
     feats = torch.randn(2, p.feat_in, total)
     lengths = torch.full((2,), total)
-    streamer = CacheAwareStreamer(tiny)
+    streamer = CacheAwareStreamer(tiny, p)
     want, want_len, want_state = streamer.stream_features(feats, lengths)
     state = streamer.initial_state(2)
     outs, pos = [], 0

@@ -152,9 +152,18 @@ def download_from_hub(repo_id: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def save_nemo(model: TransducerModel, path: str | Path) -> Path:
-    """Write a .nemo archive (uncompressed tar, as NeMo writes): config, weights (fp32), tokenizer."""
+def save_nemo(model: TransducerModel, path: str | Path, weights_dtype: str = "fp32") -> Path:
+    """Write a .nemo archive (uncompressed tar, as NeMo writes): config, weights, tokenizer.
+
+    ``weights_dtype="fp16"`` stores the trainable parameters in float16 (half the size; the shipped demo models use
+    it to stay small in the repository); buffers (mel filterbank, window, BatchNorm statistics) stay float32. Loading
+    (ours and NeMo's ``restore_from``) copies them into float32 parameters, so the loaded model is exactly the
+    fp16-rounded one."""
+    if weights_dtype not in ("fp32", "fp16"):
+        raise ValueError(f"weights_dtype must be fp32 or fp16, not {weights_dtype!r}")
     path = Path(path)
+    param_names = {n for n, _ in model.named_parameters()}
+    store = torch.float16 if weights_dtype == "fp16" else torch.float32
     cfg = model.cfg.to_nemo_dict()
     files: dict[str, bytes] = {}
     if model.tokenizer is not None:
@@ -172,8 +181,8 @@ def save_nemo(model: TransducerModel, path: str | Path) -> Path:
         files["tokenizer.vocab"] = spe_vocab.encode()
         cfg["tokenizer"]["spe_tokenizer_vocab"] = "nemo:tokenizer.vocab"
     buf = io.BytesIO()
-    torch.save({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                for k, v in model.state_dict().items()}, buf)
+    torch.save({k: v.detach().to("cpu", store if k in param_names else torch.float32) if v.is_floating_point()
+                else v.cpu() for k, v in model.state_dict().items()}, buf)
     files["model_weights.ckpt"] = buf.getvalue()
     files["model_config.yaml"] = yaml.safe_dump(cfg, sort_keys=False).encode()
     path.parent.mkdir(parents=True, exist_ok=True)

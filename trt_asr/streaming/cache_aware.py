@@ -324,7 +324,8 @@ class CacheAwareStreamer:
         lengths = lengths.to(torch.long).clamp(max=real) + lead.shape[-1]
         if p.shift_size != p.chunk_size:
             raise NotImplementedError("incremental step() with overlapping chunks (shift < chunk); use iter_chunks")
-        state.pre_encode_cache = audio[:, :, audio.shape[-1] - p.pre_encode_cache_size[1]:]
+        # the stream's last P mel frames (a first chunk may be shorter than P: keep the zeros before it)
+        state.pre_encode_cache = torch.cat((state.pre_encode_cache, audio), dim=-1)[:, :, -p.pre_encode_cache_size[1]:]
         return self.step_inputs(audio, lengths, state)
 
     @torch.no_grad()
@@ -497,7 +498,8 @@ class CacheAwareMode:
             real = body.shape[1]
             body = torch.nn.functional.pad(body, (0, chunk - real))
             a = torch.cat((s.pre_encode_cache[:, s.pre_encode_cache.shape[1] - pre:], body), dim=1)
-            s.pre_encode_cache = a[:, a.shape[1] - p.pre_encode_cache_size[1]:]
+            # the next chunk's lead: the stream's last P mel frames (a first chunk may be shorter than P)
+            s.pre_encode_cache = torch.cat((s.pre_encode_cache, a), dim=1)[:, -p.pre_encode_cache_size[1]:]
             audio.append(a)
             lengths.append(pre + real)
             s.finished = s.ended and s.mel.shape[1] == 0 and s.mel_done >= self._stable_frames(s)
