@@ -1,14 +1,14 @@
-"""Streaming accuracy gates on the shipped demo model (CPU).
+"""Streaming accuracy gates on the shipped demo models (CPU).
 
-(a) Held-out set (tests/data/demo_test, 100 utterances of 1.8-5 s): buffered WER <= offline WER + 0.3 % absolute,
-    at the defaults 10/2/2 s and at left 2 / chunk 0.48 / right 0.48 s (which cuts every utterance into several
-    chunks). Both WERs are in every assertion message.
-(b) Long-form: a continuous recording (scripts/synth_longform.py: held-out sentences and voices with 0.3-3 s pauses;
+(a) Held-out set (tests/data/demo_test, 100 utterances of 1.0-10.8 s), demo-tdt-buffered: buffered WER <= offline WER
+    + 0.3 % absolute, at the defaults 10/2/2 s and at left 2 / chunk 0.48 / right 0.48 s (which cuts every utterance
+    into several chunks). Both WERs are in every assertion message.
+(b) Held-out set, demo-tdt-cache-aware streamed through the session API at [70,13] (its default) and [70,1]: WER <=
+    the buffered model's offline WER + 1.0 % absolute, and token for token equal to the offline forward with the same
+    chunked-limited attention context (the independent truth the caches must reproduce).
+(c) Long-form: a continuous recording (scripts/synth_longform.py: held-out sentences and voices with 0.3-3 s pauses;
     5 min in CI, 30 min with ``-m slow``) streamed with buffered 10/2/2 s and compared with offline decoding of the
     same model, aligned by word timestamps around every chunk seam (see ``seam_report``).
-
-Cache-aware: no trained cache-aware demo model is shipped (its training did not converge, docs/demo-model.md), so
-those gates are skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ GATE = 0.003  # buffered WER <= offline WER + 0.3 % absolute
 # (left, chunk, right) seconds
 DEFAULT = (10.0, 2.0, 2.0)
 SMALL = (2.0, 0.48, 0.48)
+CA_GATE = 0.01  # cache-aware streamed WER <= the buffered model's offline WER + 1.0 % absolute
+# cache-aware (left, right) attention context in encoder frames (80 ms): chunk = right + 1 frames
+CA_DEFAULT = (70, 13)
+CA_LOW = (70, 1)
 
 
 def _nemo(name="demo-tdt-buffered"):
@@ -46,6 +50,11 @@ def _nemo(name="demo-tdt-buffered"):
 @pytest.fixture(scope="module")
 def model():
     return load_model(_nemo())
+
+
+@pytest.fixture(scope="module")
+def ca_model():
+    return load_model(_nemo("demo-tdt-cache-aware"))
 
 
 @pytest.fixture(scope="module")
@@ -102,30 +111,96 @@ def test_heldout_buffered_default_gate(model, heldout):
     assert buf <= off + GATE, msg
 
 
-@pytest.mark.xfail(reason="measured: offline 7.87 %, buffered 2/0.48/0.48 s 9.79 % (+1.9 %; 2/0.48/1 s: 8.62 %, "
-                          "2/1/1 s: 8.62 %): the demo model was trained on whole utterances with per-utterance "
-                          "feature normalisation and loses accuracy with < 1 s of right context", strict=False)
+@pytest.mark.xfail(reason="measured: offline 4.26 %, buffered 2/0.48/0.48 s 5.00 % (+0.74 %; was 7.87 / 9.79 % "
+                          "with the step-2304 model): the buffered demo model was trained on whole utterances with "
+                          "per-utterance feature normalisation and loses accuracy with < 1 s of right context",
+                   strict=False)
 def test_heldout_buffered_small_windows_gate(model, heldout):
     off, buf = _wers(model, heldout, SMALL)
     assert buf <= off + GATE, f"offline WER {off:.2%}, buffered 2/0.48/0.48 s WER {buf:.2%} (gate: offline + 0.3 %)"
 
 
 def test_heldout_buffered_small_windows_regression(model, heldout):
-    """Regression bar while the gate above fails: small windows cost at most 2.5 % absolute."""
+    """Regression bar while the gate above fails: small windows cost at most 1.5 % absolute (measured +0.74 %)."""
     audios, _ = heldout
     off, buf = _wers(model, heldout, SMALL)
     msg = f"offline WER {off:.2%}, buffered 2/0.48/0.48 s WER {buf:.2%}"
     print(msg)
     assert _split_count(audios, SMALL) == len(audios)  # every utterance spans several chunks
     assert _hyps(model, audios, SMALL) != _hyps(model, audios, "offline")
-    assert buf <= off + 0.025, msg
+    assert buf <= off + 0.015, msg
 
 
-def test_heldout_cache_aware_gate():
-    if not ASSETS.joinpath("demo-tdt-cache-aware.nemo").is_file():
-        pytest.skip("cache-aware gate (WER <= offline + 1.0 %): no trained cache-aware demo model is shipped "
-                    "(its training did not converge; see docs/demo-model.md)")
-    pytest.fail("demo-tdt-cache-aware.nemo is shipped: implement its gate (trt-asr eval --mode cache-aware)")
+def _ca_offline(ca_model, audio, att):
+    """(id, frame, duration) of one whole-utterance forward with the chunked-limited mask of ``att`` (one utterance
+    per call: no padding) -- what cache-aware streaming must reproduce."""
+    with torch.inference_mode():
+        x = torch.from_numpy(audio)[None]
+        feats, flen = ca_model.features(x, torch.tensor([x.shape[1]]))
+        toks, _ = ca_model.greedy_decoder()(*ca_model.encoder(feats, flen, att_context_size=list(att)))
+    return [tuple(t) for t in toks.to_lists()[0]]
+
+
+def _ca_tokens(ca_model, audios, att, how):
+    """Tokens of the held-out set (computed once per module): "offline" (``_ca_offline``) or "stream" = the session
+    API (``stream_tokens``, all utterances batched), at the model's default context when ``att`` is None."""
+    key = ("cache-aware", how, att)
+    if key not in _CACHE:
+        from trt_asr.streaming import stream_tokens
+
+        if how == "offline":
+            _CACHE[key] = [_ca_offline(ca_model, a, att) for a in audios]
+        else:
+            with torch.inference_mode():
+                got = stream_tokens(ca_model, audios, mode="cache_aware",
+                                    **({} if att is None else {"att_context_size": list(att)}))
+            _CACHE[key] = [[(t.id, t.frame, t.duration) for t in g] for g in got]
+    return _CACHE[key]
+
+
+def _ca_gate(model, ca_model, heldout, att, stream_att):
+    from trt_asr.cli.eval import score
+
+    audios, refs = heldout
+    text = lambda toks: [ca_model.tokenizer.decode([t[0] for t in u]) for u in toks]  # noqa: E731
+    off_tokens, st_tokens = _ca_tokens(ca_model, audios, att, "offline"), _ca_tokens(ca_model, audios, stream_att,
+                                                                                     "stream")
+    off_buffered = score(refs, _hyps(model, audios, "offline"))["wer"]
+    off, st = score(refs, text(off_tokens))["wer"], score(refs, text(st_tokens))["wer"]
+    msg = (f"buffered model offline WER {off_buffered:.2%}; cache-aware {list(att)}: offline {off:.2%}, streamed "
+           f"{st:.2%} (gate: <= {off_buffered:.2%} + 1.0 %)")
+    print(msg)
+    # exactness: streaming with caches is the offline forward with the chunked-limited mask, token for token
+    diff = [i for i, (a, b) in enumerate(zip(off_tokens, st_tokens)) if a != b]
+    assert len(off_tokens) == len(st_tokens) and not diff, f"{msg}; tokens differ in utterances {diff[:10]}"
+    assert st <= off_buffered + CA_GATE, msg
+
+
+def test_heldout_cache_aware_gate(model, ca_model, heldout):
+    """Default context [70,13] (chunks of 14 frames = 1.12 s): 99 of the 100 held-out utterances span several."""
+    audios, _ = heldout
+    assert [list(c) for c in ca_model.cfg.encoder.att_context_sizes][0] == list(CA_DEFAULT)
+    chunk = (CA_DEFAULT[1] + 1) * 1280  # samples per chunk (8x subsampling of 10 ms mel frames)
+    assert sum(len(a) > chunk for a in audios) >= 95
+    _ca_gate(model, ca_model, heldout, CA_DEFAULT, None)  # stream at the model's default context
+
+
+def test_heldout_cache_aware_low_latency_gate(model, ca_model, heldout):
+    """[70,1]: 160 ms chunks, 80 ms lookahead (measured: 5.21 % = 49 word errors of 940 vs 4.26 % + 1.0 %: the gate
+    allows 49; a retrained model may need the bar revisited, the token identity must hold regardless)."""
+    _ca_gate(model, ca_model, heldout, CA_LOW, CA_LOW)
+
+
+def _small_manifest(tmp_path, n):
+    """The first n held-out entries with absolute audio paths."""
+    fixed = []
+    for line in MANIFEST.read_text().splitlines()[:n]:
+        d = json.loads(line)
+        d["audio_filepath"] = str(MANIFEST.parent / d["audio_filepath"])
+        fixed.append(json.dumps(d))
+    small = tmp_path / "m.jsonl"
+    small.write_text("\n".join(fixed) + "\n")
+    return small
 
 
 def test_eval_cli_buffered_mode(tmp_path, model, heldout, capsys):
@@ -133,14 +208,7 @@ def test_eval_cli_buffered_mode(tmp_path, model, heldout, capsys):
     from trt_asr.cli import main
     from trt_asr.cli.eval import score
 
-    lines = MANIFEST.read_text().splitlines()[:6]
-    fixed = []
-    for line in lines:
-        d = json.loads(line)
-        d["audio_filepath"] = str(MANIFEST.parent / d["audio_filepath"])
-        fixed.append(json.dumps(d))
-    small = tmp_path / "m.jsonl"
-    small.write_text("\n".join(fixed) + "\n")
+    small = _small_manifest(tmp_path, 6)
     report = tmp_path / "r.jsonl"
     capsys.readouterr()
     rc = main(["eval", "--manifest", str(small), "--mode", "buffered", "--left-secs", "2", "--chunk-secs", "0.48",
@@ -160,7 +228,27 @@ def test_eval_cli_buffered_mode(tmp_path, model, heldout, capsys):
     assert [r["hyp"] for r in rows] == [normalize_text(h) for h in expect]
     assert summary["wer"] == pytest.approx(score(refs[:6], expect)["wer"])
     # cache-aware on a full-attention model: a clear error, exit code 2
-    assert main(["eval", "--manifest", str(small), "--mode", "cache-aware", "--att-context", "70,1"]) == 2
+    assert main(["eval", "--manifest", str(small), "--model", _nemo(), "--mode", "cache-aware",
+                 "--att-context", "70,1"]) == 2
+
+
+def test_eval_cli_cache_aware_mode(tmp_path, ca_model, heldout, capsys):
+    """`trt-asr eval --mode cache-aware` (no --model: the cache-aware demo model) streams through the session API
+    with the given context and reports the texts of the streamed tokens."""
+    from trt_asr.cli import main
+    from trt_asr.training.metrics import normalize_text
+
+    small = _small_manifest(tmp_path, 6)
+    report = tmp_path / "r.jsonl"
+    capsys.readouterr()
+    assert main(["eval", "--manifest", str(small), "--mode", "cache-aware", "--att-context", "70,1", "--json",
+                 "--report", str(report), "--max-wer", "100"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == "cache-aware" and summary["model"] == "demo-tdt-cache-aware"
+    audios, _ = heldout
+    expect = [ca_model.tokenizer.decode([t[0] for t in u])
+              for u in _ca_tokens(ca_model, audios, CA_LOW, "offline")[:6]]
+    assert [json.loads(x)["hyp"] for x in report.read_text().splitlines()] == [normalize_text(h) for h in expect]
 
 
 # ------------------------------------------------------------------------------------------------ long-form
@@ -175,7 +263,7 @@ def _longform(minutes: float, seed: int = 4040) -> Path:
     return out
 
 
-def seam_report(offline, streamed, seams, reference_words, tol=0.5, match=0.5):
+def seam_report(offline, streamed, seams, is_reference, tol=0.5, match=0.5):
     """Compare word sequences (lists of trt_asr.transcribe.Word, absolute times) around chunk seams.
 
     For every seam time s, the words of each sequence whose [start, end] overlaps [s - tol, s + tol] are checked:
@@ -183,8 +271,9 @@ def seam_report(offline, streamed, seams, reference_words, tol=0.5, match=0.5):
     * an offline word is *found* when the streamed words within 2 s hold the same word exactly once with a start
       within ``match`` s; *duplicated* when the streamed words hold it more often (start within ``match``) than the
       offline words do; *substituted* when a different streamed word overlaps it in time; *dropped* when no streamed
-      word overlaps it at all and it is a word of the reference text (offline junk words that are not in the
-      reference -- recognition errors of the offline pass -- are counted as ``offline_only_junk``);
+      word overlaps it at all and ``is_reference(word)`` (it is in the reference text of a sentence at that time;
+      offline junk words that are not -- recognition errors of the offline pass, e.g. an "or" heard in a pause --
+      are counted as ``offline_only_junk``);
     * vice versa, a streamed word is *found* / *duplicated* (more copies than offline) / *inserted* (no offline word
       overlaps it).
     """
@@ -219,7 +308,7 @@ def seam_report(offline, streamed, seams, reference_words, tol=0.5, match=0.5):
                 r["found"] += 1
             elif overlaps(w, sc):
                 r["substituted"] += 1
-            elif w.word in reference_words:
+            elif is_reference(w):
                 r["dropped"] += 1
                 r["examples"].append(("dropped", s, w.word, w.start))
             else:
@@ -271,9 +360,17 @@ def _run_longform(model, minutes, strict=True):
     chunk = int(2.0 * 100 / 8) * fs  # 25 encoder frames = 2.0 s
     dur = len(audio) / sr
     seams = [k * chunk for k in range(1, int(dur / chunk) + 1)]
-    ref_words = set(meta["text"].split())
-    rep = seam_report(offline, st.words, seams, ref_words)
-    control = seam_report(offline, st.words, [s + chunk / 2 for s in seams], ref_words)  # mid-chunk: no seam
+    # a word belongs to the reference when a sentence within 1 s of it holds it (not anywhere in the recording:
+    # common words such as "or" that the offline pass inserts in pauses would count as dropped by the stream)
+    seg_starts = [sg["start"] for sg in segs]
+
+    def is_reference(w):
+        lo, hi = bisect.bisect_left(seg_starts, w.start - 30), bisect.bisect_right(seg_starts, w.end + 1)
+        return any(sg["start"] - 1 <= w.end and sg["end"] + 1 >= w.start and w.word in sg["text"].split()
+                   for sg in segs[lo:hi])
+
+    rep = seam_report(offline, st.words, seams, is_reference)
+    control = seam_report(offline, st.words, [s + chunk / 2 for s in seams], is_reference)  # mid-chunk: no seam
     frames = [t.frame for t in st.tokens]
     wer_stream = score([meta["text"]], [st.text])["wer"]
     wer_off = score([s["text"] for s in segs], [o.text for o in outs])["wer"]
@@ -321,3 +418,20 @@ def test_cli_transcribe_stream_buffered_example(windows):
                        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ref, (r.stdout, ref)
+
+
+def test_cli_transcribe_stream_cache_aware_example(ca_model):
+    """`trt-asr transcribe --stream cache-aware example.wav` with no --model picks the cache-aware demo model (the
+    full-attention default cannot stream that mode) and prints the tokens of its offline forward at [70,13]."""
+    from trt_asr.cli.eval import load_audio
+
+    wav = str(ASSETS.joinpath("example.wav"))
+    audio = load_audio(wav, ca_model.cfg.sample_rate)
+    expect = ca_model.tokenizer.decode([t[0] for t in _ca_offline(ca_model, audio, CA_DEFAULT)])
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "trt_asr", "transcribe", "--stream", "cache-aware", "--format", "json",
+                        wav], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)[0]
+    assert doc["model"] == "demo-tdt-cache-aware"
+    assert doc["text"] == expect

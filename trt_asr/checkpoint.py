@@ -28,11 +28,18 @@ class ModelLoadError(RuntimeError):
     pass
 
 
-def default_model_spec() -> str:
-    """The shipped demo model if present, else a random-weight preset (clearly labelled as such)."""
-    demo = resources.files("trt_asr.assets").joinpath("demo-tdt-buffered.nemo")
-    if demo.is_file():
-        return str(demo)
+def default_model_spec(mode: str | None = None) -> str:
+    """The shipped demo model if present, else a random-weight preset (clearly labelled as such).
+
+    ``mode`` "cache-aware" / "cache_aware" picks the cache-aware demo model (the full-attention one cannot run that
+    mode); any other mode (offline, buffered) the buffered one."""
+    assets = resources.files("trt_asr.assets")
+    names = ["demo-tdt-buffered.nemo"]
+    if mode in ("cache-aware", "cache_aware"):
+        names.insert(0, "demo-tdt-cache-aware.nemo")
+    for name in names:
+        if assets.joinpath(name).is_file():
+            return str(assets.joinpath(name))
     return "random:parakeet-tdt-0.6b-v3"
 
 

@@ -27,7 +27,8 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="WER/CER of a model on a manifest, with gates", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, help="NeMo-style JSONL: audio_filepath, text[, duration]")
-    p.add_argument("--model", default=None, help="a .nemo file / folder / repo id (default: the shipped demo model)")
+    p.add_argument("--model", default=None, help="a .nemo file / folder / repo id (default: the shipped demo model; "
+                   "--mode cache-aware: the cache-aware one)")
     p.add_argument("--mode", default="offline", choices=MODES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
@@ -121,14 +122,14 @@ def transcribe(model, audios, mode: str, batch_size: int, att_context=None, **st
 def run(args) -> int:
     import torch
 
-    from ..checkpoint import load_model
+    from ..checkpoint import default_model_spec, load_model
     from ..training.data import read_manifest
     from ..training.metrics import error_counts, normalize_text
 
     entries = read_manifest(args.manifest)
     if args.limit:
         entries = entries[: args.limit]
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model or default_model_spec(args.mode), device=args.device)
     try:
         att = [int(v) for v in args.att_context.split(",")] if args.att_context else None
         if att is not None and len(att) != 2:

@@ -15,7 +15,7 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("audio", nargs="+", help="audio files (any format soundfile reads, any rate / channels)")
     p.add_argument("--model", default=None, help="a .nemo file, a model folder, a Hugging Face repo id, or "
-                   "random:<preset> (default: the shipped demo model)")
+                   "random:<preset> (default: the shipped demo model; with --stream cache-aware the cache-aware one)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="encoder/decoder precision")
     p.add_argument("--batch-size", type=int, default=16, help="utterances per encoder call")
@@ -50,7 +50,7 @@ def run(args) -> int:
     import torch
 
     from ..audio import AudioError, load_audio
-    from ..checkpoint import ModelLoadError, load_model
+    from ..checkpoint import ModelLoadError, default_model_spec, load_model
     from ..transcribe import Transcriber, Transcript
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -59,6 +59,8 @@ def run(args) -> int:
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
+    if args.model is None:  # --stream cache-aware needs the cache-aware demo model
+        args.model = default_model_spec(args.stream)
     try:
         model = _load(args, load_model)
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
