@@ -39,6 +39,10 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="comma list of config names")
     ap.add_argument("--time-limit", type=float, default=90.0, help="seconds per configuration")
     ap.add_argument("--total-limit", type=float, default=420.0, help="seconds for everything")
+    ap.add_argument("--engine", default="torch", choices=["torch", "torch-cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--ks", default=None, help="K sweep for every selected config (default: per config)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +57,8 @@ def main() -> int:
             continue
         dest = out / f"load_{name}.json"
         cmd = [sys.executable, "-m", "trt_asr", "bench", "load", "--model", args.model, "--device", args.device,
-               "--duration", str(args.duration), "--streams", ks_quick if args.quick else ks,
+               "--duration", str(args.duration), "--streams", args.ks or (ks_quick if args.quick else ks),
+               "--engine", args.engine, "--dtype", args.dtype, "--max-batch", str(args.max_batch),
                "--drain-timeout", "20", "--summary-json", str(dest), *extra]
         print("+", " ".join(cmd), file=sys.stderr, flush=True)
         try:
@@ -71,7 +76,8 @@ def main() -> int:
     for name, k, p99, runs in rows:
         print(f"{name:28s} {k!s:>16s} {p99!s:>9s}  {runs or ''}")
     (out / "load_capacity_table.json").write_text(json.dumps(
-        {"model": args.model, "device": args.device, "duration": args.duration,
+        {"model": args.model, "device": args.device, "duration": args.duration, "engine": args.engine,
+         "dtype": args.dtype, "max_batch": args.max_batch,
          "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
          "rows": [dict(zip(("config", "max_k_sustained", "p99_ms", "runs"), r)) for r in rows]}, indent=2) + "\n")
     return 0

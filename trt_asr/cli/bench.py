@@ -69,6 +69,8 @@ def register(sub) -> None:
                     "or by the lock-shared Recognizer (the previous way)")
     lp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     lp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    lp.add_argument("--engine", default="torch", choices=["torch", "torch-cuda"],
+                    help="encoder engine of the scheduler (torch-cuda: --dtype weights, CUDA graphs per batch bucket)")
     lp.add_argument("--max-batch", type=int, default=64, help="scheduler: streams per step at most")
     lp.add_argument("--frame-ms", type=float, default=100.0, help="client frame size")
     lp.add_argument("--audio", nargs="*", default=None,
@@ -216,6 +218,39 @@ def _streamable_features(model, mode: str) -> bool:
     return False
 
 
+def with_engine(model, mode: str, params: dict, engine: str) -> dict:
+    """Mode params plus the encoder engine object (``torch``: the mode's own reference engine). The torch-cuda
+    engine runs the model's encoder in the model's dtype, one CUDA graph per (batch bucket, shape)."""
+    if engine == "torch":
+        return params
+    from ..engines.torch_cuda import TorchCudaEngine
+
+    prec = {torch_dtype: name for name, torch_dtype in _dtypes().items()}[model.dtype]
+    if mode == "buffered":
+        eng = TorchCudaEngine(model, "window", prec, model.device, output_dtype=model.dtype)
+        return {**params, "engine": eng}
+    from ..streaming.cache_aware import CacheAwareParams
+
+    cp = CacheAwareParams.for_encoder(model.cfg.encoder, att_context_size=params.get("att_context_size"),
+                                      chunk_size=params.get("chunk_size"),
+                                      allow_inexact=params.get("allow_inexact", False))
+    eng = TorchCudaEngine(model, "stream", prec, model.device, params=cp, output_dtype=model.dtype)
+    return {"params": cp, "engine": eng}
+
+
+def _jsonable_params(params: dict) -> dict:
+    out = {k: v for k, v in params.items() if k != "engine"}
+    if "params" in out and hasattr(out["params"], "to_dict"):
+        out["params"] = out["params"].to_dict()
+    return out
+
+
+def _dtypes():
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def _detok(model, ids) -> str:
     tok = getattr(model, "tokenizer", None)
     return tok.decode(ids).strip() if tok is not None else " ".join(map(str, ids))
@@ -313,6 +348,7 @@ def start_server(args, mode: str, params: dict, max_sessions: int, wait: bool = 
     """Our own server process on 127.0.0.1 (the app of ``trt-asr serve`` with these mode params)."""
     port = _free_port()
     spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "mode": mode, "params": params,
+            "engine": getattr(args, "engine", "torch"),
             "port": port, "max_sessions": max_sessions, "batching": args.server_batching,
             "max_batch": args.max_batch}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"trt_asr_bench_server_{port}.log", "w")
@@ -362,7 +398,8 @@ def _serve_main() -> None:
 
         svc._shared = CaptionSchedulerPool(model, spec["mode"], SchedulerConfig(
             max_streams=spec["max_sessions"] + 2, max_batch=spec["max_batch"], idle_timeout=None,
-            sample_rate=model.cfg.sample_rate), **spec["params"])
+            sample_rate=model.cfg.sample_rate), **with_engine(model, spec["mode"], spec["params"],
+                                                              spec.get("engine", "torch")))
     svc.warmup()
     app = create_app(svc, None, Limits(max_sessions=spec["max_sessions"]))
     uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning", ws_max_size=4 * MAX_FRAME_BYTES,
@@ -484,6 +521,8 @@ def run_load(args) -> int:
 
             model = load_model(args.model, device=args.device, dtype=args.dtype)
             _streamable_features(model, mode)
+            if args.engine != "torch":  # one engine (its CUDA graphs) for the references and the timed runs
+                params = with_engine(model, mode, params, args.engine)
         if proc is not None:
             _wait_healthy(proc, url, server_log)
         for k in ks:
@@ -554,7 +593,8 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "latency_budget_ms": round(budget_s * 1000, 1),
         "path": "in-process" if args.in_process else ("server:" + (args.url or "own 127.0.0.1 server")
                                                       + f" (batching: {args.server_batching})"),
-        "mode": mode, "mode_params": params, "model": args.model or "default", "device": args.device,
+        "mode": mode, "mode_params": _jsonable_params(params), "engine": getattr(args, "engine", "torch"),
+        "model": args.model or "default", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
         "features_normalize": (None if model is None else model.cfg.preprocessor.normalize),
         "dtype": args.dtype, "duration_s": args.duration, "frame_ms": args.frame_ms, "max_batch": args.max_batch,
