@@ -282,3 +282,27 @@ def test_load_tool_smoke(server, tmp_path):
         assert run["n_errors"] == 0 and run["lost_audio_seconds"] == 0, run
         assert run["duplicated_words"] == 0 and run["lost_words"] == 0 and run["transcripts_checked"], run
         assert d["streams_sustained"] == 2
+
+
+@pytest.mark.parametrize("mode_args", [["--mode", "buffered", "--left-secs", "1", "--chunk-secs", "0.5",
+                                        "--right-secs", "0.5"],
+                                       ["--mode", "cache-aware", "--chunk-ms", "160", "--pooled"]])
+def test_load_tool_torch_cuda_engine_equals_reference_engine(mode_args):
+    """`bench load --engine torch-cuda` (CPU here: the same bucketed/padded code, eager) gives every stream the
+    transcript the fp32 reference engine gives it alone."""
+    import argparse
+
+    from trt_asr.checkpoint import load_model
+    from trt_asr.cli import bench
+
+    p = argparse.ArgumentParser()
+    bench.register(p.add_subparsers(dest="cmd"))
+    args = p.parse_args(["bench", "load", "--streams", "3", "--duration", "2", "--model", "random:tiny", "--in-process",
+                         "--engine", "torch-cuda", "--drain-timeout", "20", *mode_args])
+    model = load_model("random:tiny")
+    mode, params, chunk_s = bench.mode_params(args)
+    bench._streamable_features(model, mode)
+    want = bench.reference_texts(model, mode, params, bench.stream_audios(args, 3))
+    got = bench.run_in_process(model, args, 3, mode, bench.with_engine(model, mode, params, "torch-cuda"), chunk_s)
+    assert not got["errors"] and got["lost_audio_seconds"] == 0
+    assert got["texts"] == want and any(want)
