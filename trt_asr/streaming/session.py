@@ -126,6 +126,8 @@ class StreamSession:
         self.ended = False
         self.finished = False
         self._events: list[StreamEvent] = []
+        tok = recognizer.tokenizer
+        self._text = tok.incremental() if tok is not None else None  # committed text, not re-decoded every step
         self._word_from = 0  # index in self.tokens where the current (incomplete) word starts
         self.horizon = 0  # encoder frames decided so far (nothing before it can change)
 
@@ -167,6 +169,8 @@ class StreamSession:
 
     @property
     def text(self) -> str:
+        if self._text is not None:
+            return self._text.text
         return self.recognizer.detokenize([t.id for t in self.tokens])
 
     def transcript(self) -> Transcript:
@@ -177,6 +181,8 @@ class StreamSession:
     def _on_step(self, result: StepResult) -> None:
         rec = self.recognizer
         self.tokens.extend(result.committed)
+        if self._text is not None:
+            self._text.extend([t.id for t in result.committed])
         self.tentative = list(result.tentative)
         if result.horizon is not None:
             self.horizon = result.horizon
