@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from trt_asr.checkpoint import default_model_spec, load_model
+from tests.demo_assets import demo_nemo
 
 ASSETS = resources.files("trt_asr.assets")
 MANIFEST = Path(__file__).parent / "data" / "demo_test" / "manifest.jsonl"
@@ -23,11 +24,6 @@ EXAMPLE_MAX_WER = {"demo-tdt-buffered": 0.15, "demo-tdt-cache-aware": 0.25}
 CONTEXT_MAX_WER = {(70, 6): 0.055, (70, 1): 0.06, (70, 0): 0.065}
 
 
-def _nemo(name):
-    path = ASSETS.joinpath(f"{name}.nemo")
-    if not path.is_file():
-        pytest.skip(f"{name}.nemo is not shipped in this checkout")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +36,11 @@ def heldout():
 
 
 def test_default_model_is_the_shipped_demo():
-    _nemo("demo-tdt-buffered")
+    demo_nemo("demo-tdt-buffered")
     assert default_model_spec().endswith("demo-tdt-buffered.nemo")
     assert default_model_spec("offline").endswith("demo-tdt-buffered.nemo")
     assert default_model_spec("buffered").endswith("demo-tdt-buffered.nemo")
-    _nemo("demo-tdt-cache-aware")
+    demo_nemo("demo-tdt-cache-aware")
     # the full-attention model cannot stream cache-aware: that mode defaults to the cache-aware model
     assert default_model_spec("cache-aware").endswith("demo-tdt-cache-aware.nemo")
     assert default_model_spec("cache_aware").endswith("demo-tdt-cache-aware.nemo")
@@ -55,7 +51,7 @@ def test_demo_model_size_and_config(name):
     import io
     import tarfile
 
-    path = Path(_nemo(name))
+    path = Path(demo_nemo(name))
     assert path.stat().st_size <= 30 * 2**20
     model = load_model(str(path))
     # stored with fp16 parameters (half the size) and fp32 buffers (mel filterbank, BatchNorm statistics); the
@@ -86,7 +82,7 @@ def test_example_wav(name):
     from trt_asr.training.infer import transcribe_arrays
     from trt_asr.training.metrics import wer
 
-    model = load_model(_nemo(name))
+    model = load_model(demo_nemo(name))
     audio = load_audio(str(ASSETS.joinpath("example.wav")), model.cfg.sample_rate)
     ref = ASSETS.joinpath("example.txt").read_text().strip()
     hyp = transcribe_arrays(model, [audio])[0]
@@ -100,7 +96,7 @@ def test_offline_wer_on_heldout(name, heldout):
     from trt_asr.training.metrics import error_counts
 
     audios, refs = heldout
-    model = load_model(_nemo(name))
+    model = load_model(demo_nemo(name))
     hyps = transcribe_arrays(model, audios, batch_size=25)
     m = error_counts(refs, hyps)
     assert m["words"] > 500
@@ -114,7 +110,7 @@ def test_cache_aware_offline_wer_per_context(att, heldout):
     from trt_asr.training.metrics import wer
 
     audios, refs = heldout
-    model = load_model(_nemo("demo-tdt-cache-aware"))
+    model = load_model(demo_nemo("demo-tdt-cache-aware"))
     assert list(att) in [list(c) for c in model.cfg.encoder.att_context_sizes]
     got = wer(refs, transcribe_arrays(model, audios, batch_size=25, att_context_size=list(att)))
     assert got <= CONTEXT_MAX_WER[att], f"context {list(att)}: WER {got:.3%}"
@@ -123,7 +119,7 @@ def test_cache_aware_offline_wer_per_context(att, heldout):
 def test_eval_cli_gate(tmp_path):
     from trt_asr.cli import main
 
-    _nemo("demo-tdt-buffered")
+    demo_nemo("demo-tdt-buffered")
     small = tmp_path / "m.jsonl"
     lines = MANIFEST.read_text().splitlines()[:10]
     import json

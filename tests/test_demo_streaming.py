@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from trt_asr.checkpoint import load_model
+from tests.demo_assets import demo_nemo
 
 ASSETS = resources.files("trt_asr.assets")
 MANIFEST = Path(__file__).parent / "data" / "demo_test" / "manifest.jsonl"
@@ -40,21 +41,16 @@ CA_DEFAULT = (70, 13)
 CA_LOW = (70, 1)
 
 
-def _nemo(name="demo-tdt-buffered"):
-    path = ASSETS.joinpath(f"{name}.nemo")
-    if not path.is_file():
-        pytest.skip(f"{name}.nemo is not shipped in this checkout")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model(_nemo())
+    return load_model(demo_nemo())
 
 
 @pytest.fixture(scope="module")
 def ca_model():
-    return load_model(_nemo("demo-tdt-cache-aware"))
+    return load_model(demo_nemo("demo-tdt-cache-aware"))
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +224,7 @@ def test_eval_cli_buffered_mode(tmp_path, model, heldout, capsys):
     assert [r["hyp"] for r in rows] == [normalize_text(h) for h in expect]
     assert summary["wer"] == pytest.approx(score(refs[:6], expect)["wer"])
     # cache-aware on a full-attention model: a clear error, exit code 2
-    assert main(["eval", "--manifest", str(small), "--model", _nemo(), "--mode", "cache-aware",
+    assert main(["eval", "--manifest", str(small), "--model", demo_nemo(), "--mode", "cache-aware",
                  "--att-context", "70,1"]) == 2
 
 
@@ -411,7 +407,7 @@ def test_longform_seams_30min(model, request):
                          ids=["10-2-2", "2-0.48-0.48"])
 def test_cli_transcribe_stream_buffered_example(windows):
     """`trt-asr transcribe --stream buffered example.wav` (default model = the demo model) prints the spoken text."""
-    _nemo()
+    demo_nemo()
     wav = str(ASSETS.joinpath("example.wav"))
     ref = ASSETS.joinpath("example.txt").read_text().strip()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
