@@ -24,8 +24,6 @@ EXAMPLE_MAX_WER = {"demo-tdt-buffered": 0.15, "demo-tdt-cache-aware": 0.25}
 CONTEXT_MAX_WER = {(70, 6): 0.055, (70, 1): 0.06, (70, 0): 0.065}
 
 
-
-
 @pytest.fixture(scope="module")
 def heldout():
     from trt_asr.cli.eval import load_audio

@@ -41,8 +41,6 @@ CA_DEFAULT = (70, 13)
 CA_LOW = (70, 1)
 
 
-
-
 @pytest.fixture(scope="module")
 def model():
     return load_model(demo_nemo())
