@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding.greedy import BatchedTokens
-from ..model.encoder import StreamingCache
+from ..model.encoder import ProjectedKVCache, StreamingCache
+from ..streaming.contract import cache_io, cache_names
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -77,14 +78,17 @@ class TorchCudaEngine:
                  batch_buckets=DEFAULT_BATCH_BUCKETS, time_quantum: int = 16, use_graphs: bool | None = None,
                  params=None, drop_extra_pre_encoded: int = 0, cache_drop_size: int = 0, att_context_size=None,
                  output_dtype: torch.dtype | None = None, copy_model: bool = True, compile_mode: str | None = None,
-                 autocast: bool = False):
+                 autocast: bool = False, kv_cache: str = "layer_input"):
         """``params``: ``trt_asr.streaming.cache_aware.CacheAwareParams`` for stream mode (first/later chunk drop,
         cache drop, attention context, valid_out_len), as the reference ``TorchEncoderEngine``; without it the
         explicit ``drop_extra_pre_encoded`` / ``cache_drop_size`` / ``att_context_size`` apply to every chunk.
         ``compile_mode``: run the step through ``torch.compile`` (e.g. "default", "max-autotune-no-cudagraphs")
         before capturing it as a CUDA graph (one compilation per bucket shape).
         ``autocast``: keep fp32 weights and run fp16/bf16 under ``torch.autocast`` (NeMo's mixed precision: layer
-        norms, softmax and the residual stream stay fp32) instead of casting the weights."""
+        norms, softmax and the residual stream stay fp32) instead of casting the weights.
+        ``kv_cache``: the stream step's attention cache, "layer_input" (NeMo's ``cache_last_channel``) or
+        "projected" (``cache_last_channel_k`` / ``_v``, keys and values after linear_k / linear_v: a step then
+        projects only its new frames); see ``trt_asr.streaming.contract``."""
         if mode not in ("window", "stream"):
             raise ValueError(f"mode must be 'window' or 'stream', not {mode!r}")
         if precision not in DTYPES:
@@ -112,6 +116,10 @@ class TorchCudaEngine:
         self.drop_extra_pre_encoded, self.cache_drop_size = drop_extra_pre_encoded, cache_drop_size
         self.att_context_size = att_context_size
         self.output_dtype = output_dtype
+        self.kv_cache = kv_cache
+        self._cache_names = cache_names(kv_cache)  # validates kv_cache
+        if kv_cache == "projected":
+            self._stream_fn = self._stream_fn_projected
         self._graphs: dict[tuple, _Graphed] = {}
         self._pinned: dict[tuple, tuple] = {}  # host staging buffers for CPU inputs (+ the event of their last copy)
         self.compile_mode = compile_mode
@@ -154,6 +162,30 @@ class TorchCudaEngine:
                 "cache_last_channel_next": nxt.last_channel.transpose(0, 1).contiguous(),
                 "cache_last_time_next": nxt.last_time.transpose(0, 1).contiguous(),
                 "cache_last_channel_next_len": nxt.last_channel_len}
+
+    def _stream_fn_projected(self, audio_signal, length, cache_last_channel_k, cache_last_channel_v, cache_last_time,
+                             cache_last_channel_len):
+        p = self.params
+        cache = ProjectedKVCache(cache_last_channel_k.transpose(0, 1), cache_last_channel_v.transpose(0, 1),
+                                 cache_last_time.transpose(0, 1), cache_last_channel_len)
+        enc, enc_len, nxt = self.encoder.stream_step(
+            audio_signal, length, cache, drop_extra_pre_encoded=self._drop(audio_signal.shape[-1]),
+            cache_drop_size=self.cache_drop_size, att_context_size=self.att_context_size)
+        if p is not None and p.att_context_style == "regular" and p.valid_out_len > 0:  # streaming_post_process
+            enc, enc_len = enc[:, :, : p.valid_out_len], enc_len.clamp(max=p.valid_out_len)
+        return {"encoder_output": enc, "encoded_lengths": enc_len,
+                "cache_last_channel_k_next": nxt.last_k.transpose(0, 1).contiguous(),
+                "cache_last_channel_v_next": nxt.last_v.transpose(0, 1).contiguous(),
+                "cache_last_time_next": nxt.last_time.transpose(0, 1).contiguous(),
+                "cache_last_channel_next_len": nxt.last_channel_len}
+
+    def cache_io(self) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
+        """Per cache of the stream step: (input name, output name, per-stream shape, dtype), in contract order.
+        A streaming mode allocates ``zeros(B, *shape, dtype)`` for new streams, feeds ``out[output name]`` back as
+        ``input name`` next step, and never needs to know the variant. Needs ``params`` (the cache sizes)."""
+        if self.mode != "stream" or self.params is None:
+            raise ValueError("cache_io() needs a stream-mode engine built with params")
+        return cache_io(self.params, self.kv_cache, self.dtype)
 
     def _out_frames(self, t_mel: int) -> int:
         pre = self.encoder.pre_encode
@@ -205,9 +237,10 @@ class TorchCudaEngine:
         key = ("s", B, T, C, K)
 
         def make():
+            channel = {name: torch.randn(B, L, C, D, device=self.device, dtype=self.dtype)
+                       for name in self._cache_names[:-2]}  # the attention cache(s) of the variant
             return {"audio_signal": torch.randn(B, F, T, device=self.device, dtype=self.dtype),
-                    "length": torch.full((B,), T, dtype=torch.long, device=self.device),
-                    "cache_last_channel": torch.randn(B, L, C, D, device=self.device, dtype=self.dtype),
+                    "length": torch.full((B,), T, dtype=torch.long, device=self.device), **channel,
                     "cache_last_time": torch.randn(B, L, D, K, device=self.device, dtype=self.dtype),
                     "cache_last_channel_len": torch.full((B,), C, dtype=torch.long, device=self.device)}
         return self._get(key, make, self._stream_fn)
@@ -232,11 +265,11 @@ class TorchCudaEngine:
             res = {"encoder_output": out["encoder_output"][:b, :, :t_out],
                    "encoded_lengths": out["encoded_lengths"][:b]}
         else:
-            ch = inputs["cache_last_channel"]
+            ch = inputs[self._cache_names[0]]
             g = self.prepare(b, t, cache_size=ch.shape[2], time_cache=inputs["cache_last_time"].shape[3])
             st = g.inputs
             B = st["audio_signal"].shape[0]
-            for name in ("audio_signal", "length", "cache_last_channel", "cache_last_time", "cache_last_channel_len"):
+            for name in ("audio_signal", "length", *self._cache_names):
                 if b < B:
                     st[name][b:].zero_()
                 self._load(name, inputs[name], st[name][:b])

@@ -2,6 +2,7 @@
 
     TorchEncoderEngine(model, mode="stream", params=CacheAwareParams)   cache-aware step (``stream_step``)
     TorchEncoderEngine(model, mode="window")                             offline / buffered window
+    TorchEncoderEngine(model, mode="stream", params=..., kv_cache="projected")   projected-K/V cache variant
 
 Caches are batch-first at this boundary ([B, L, C, D], [B, L, D, K]); the encoder module is layer-first, so the
 engine transposes on the way in and out. With ``check=True`` (default) every step checks the contract's runtime
@@ -12,16 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from ..model.encoder import StreamingCache
+from ..model.encoder import ProjectedKVCache, StreamingCache
 from ..streaming.cache_aware import CacheAwareParams
-from ..streaming.contract import ContractChecker
+from ..streaming.contract import ContractChecker, cache_io
 
 
 class TorchEncoderEngine:
     name = "torch"
 
     def __init__(self, model, mode: str = "stream", params: CacheAwareParams | None = None, *, check: bool = True,
-                 allow_inexact: bool = False):
+                 allow_inexact: bool = False, kv_cache: str = "layer_input"):
+        """``kv_cache``: the stream step's attention cache, "layer_input" (NeMo's ``cache_last_channel``) or
+        "projected" (``cache_last_channel_k`` / ``_v``: keys and values after linear_k / linear_v)."""
         if mode not in ("stream", "window"):
             raise ValueError(f"mode must be 'stream' or 'window', not {mode!r}")
         self.encoder = model.encoder if hasattr(model, "encoder") else model
@@ -32,7 +35,8 @@ class TorchEncoderEngine:
         if mode == "stream" and params is None:
             params = CacheAwareParams.for_encoder(self.encoder.cfg, allow_inexact=allow_inexact)
         self.params = params
-        self.checker = ContractChecker(self.encoder.cfg, mode, params) if check else None
+        self.kv_cache = kv_cache
+        self.checker = ContractChecker(self.encoder.cfg, mode, params, kv_cache=kv_cache) if check else None
         self.steps = 0  # only to name the chunk in contract violations; no model state is kept
 
     @torch.no_grad()
@@ -45,6 +49,13 @@ class TorchEncoderEngine:
         self.steps += 1
         return outputs
 
+    def cache_io(self) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
+        """Per cache of the stream step: (input name, output name, per-stream shape, dtype), in contract order.
+        A streaming mode allocates ``zeros(B, *shape, dtype)`` for new streams, feeds ``out[output name]`` back as
+        ``input name`` next step, and never needs to know the variant."""
+        dtype = next(self.encoder.parameters()).dtype
+        return cache_io(self.params, self.kv_cache, dtype)
+
     def _window(self, inputs):
         enc, enc_len = self.encoder(inputs["audio_signal"], inputs["length"])
         return {"encoder_output": enc, "encoded_lengths": enc_len}
@@ -53,18 +64,39 @@ class TorchEncoderEngine:
         p = self.params
         audio = inputs["audio_signal"]
         first = p.is_first_chunk(audio.shape[-1])
-        cache = StreamingCache(inputs["cache_last_channel"].transpose(0, 1),
-                               inputs["cache_last_time"].transpose(0, 1),
-                               inputs["cache_last_channel_len"].to(torch.long))
+        if self.kv_cache == "projected":
+            cache = ProjectedKVCache(inputs["cache_last_channel_k"].transpose(0, 1),
+                                     inputs["cache_last_channel_v"].transpose(0, 1),
+                                     inputs["cache_last_time"].transpose(0, 1),
+                                     inputs["cache_last_channel_len"].to(torch.long))
+        else:
+            cache = StreamingCache(inputs["cache_last_channel"].transpose(0, 1),
+                                   inputs["cache_last_time"].transpose(0, 1),
+                                   inputs["cache_last_channel_len"].to(torch.long))
         enc, enc_len, nxt = self.encoder.stream_step(
             audio, inputs["length"], cache, drop_extra_pre_encoded=p.drop_extra(first),
             cache_drop_size=p.cache_drop_size, att_context_size=list(p.att_context_size))
         if p.att_context_style == "regular" and p.valid_out_len > 0:  # NeMo's streaming_post_process
             enc, enc_len = enc[:, :, : p.valid_out_len], enc_len.clamp(max=p.valid_out_len)
-        return {
-            "encoder_output": enc,
-            "encoded_lengths": enc_len.to(torch.long),
-            "cache_last_channel_next": nxt.last_channel.transpose(0, 1).contiguous(),
-            "cache_last_time_next": nxt.last_time.transpose(0, 1).contiguous(),
-            "cache_last_channel_next_len": nxt.last_channel_len.to(torch.long),
-        }
+        out = {"encoder_output": enc, "encoded_lengths": enc_len.to(torch.long)}
+        if self.kv_cache == "projected":
+            out["cache_last_channel_k_next"] = nxt.last_k.transpose(0, 1).contiguous()
+            out["cache_last_channel_v_next"] = nxt.last_v.transpose(0, 1).contiguous()
+        else:
+            out["cache_last_channel_next"] = nxt.last_channel.transpose(0, 1).contiguous()
+        out["cache_last_time_next"] = nxt.last_time.transpose(0, 1).contiguous()
+        out["cache_last_channel_next_len"] = nxt.last_channel_len.to(torch.long)
+        return out
+
+
+def project_caches(model, caches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Batch-first layer-input caches (``cache_last_channel``, ...) -> the projected-K/V variant's caches
+    (``cache_last_channel_k`` / ``_v``, the rest as is), so a stream can switch variant between two steps.
+    ``model``: a TransducerModel or its encoder, on the caches' device and dtype."""
+    encoder = model.encoder if hasattr(model, "encoder") else model
+    layer_first = StreamingCache(caches["cache_last_channel"].transpose(0, 1), caches["cache_last_time"],
+                                 caches["cache_last_channel_len"])
+    kv = encoder.project_cache(layer_first)  # k, v keep the batch-first memory of cache_last_channel
+    return {"cache_last_channel_k": kv.last_k.transpose(0, 1).contiguous(),
+            "cache_last_channel_v": kv.last_v.transpose(0, 1).contiguous(),
+            "cache_last_time": caches["cache_last_time"], "cache_last_channel_len": caches["cache_last_channel_len"]}

@@ -7,6 +7,8 @@ Each ConformerLayer: x + 0.5 FF(x) -> + RelPosMHA -> + Conv -> + 0.5 FF -> Layer
 Streaming (cache-aware) support follows NeMo's semantics: every layer takes ``cache_last_channel`` (the last C
 layer inputs of attention, [B, C, D]) and ``cache_last_time`` (the last K-1 inputs of the depthwise convolution,
 [B, D, K-1]) and returns their next values; the encoder stacks them layer-first ([L, B, C, D], [L, B, D, K-1]).
+The projected-K/V variant (``ProjectedKVCache``) caches each layer's keys and values after linear_k / linear_v
+instead of its attention inputs, so a step projects only its new frames (not the C cached ones again).
 """
 
 from __future__ import annotations
@@ -151,11 +153,27 @@ class RelPositionMultiHeadAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key_value: torch.Tensor, pos_emb: torch.Tensor,
                 mask_btt: torch.Tensor | None) -> torch.Tensor:
+        return self.attend(query, self.linear_k(key_value), self.linear_v(key_value), pos_emb, mask_btt)
+
+    def forward_cached_kv(self, query: torch.Tensor, cache_k_bcd: torch.Tensor, cache_v_bcd: torch.Tensor,
+                          pos_emb: torch.Tensor, mask_btt: torch.Tensor | None, cache_drop: int = 0):
+        """Attention over projected cached keys/values + the new frames; only the new frames are projected.
+        Returns (output, next_k, next_v): the cache keeps the last C projections not dropped, as the layer-input
+        cache keeps the last C inputs (linear_k/linear_v act frame by frame, so the two carry the same keys)."""
+        k = torch.cat([cache_k_bcd, self.linear_k(query)], dim=1)  # [B, C + T, D]
+        v = torch.cat([cache_v_bcd, self.linear_v(query)], dim=1)
+        # next = cat(cache[keep:], new[:keep]) with keep = T - cache_drop: a window of k / v, no extra copy
+        keep, c = query.shape[1] - cache_drop, cache_k_bcd.shape[1]
+        return self.attend(query, k, v, pos_emb, mask_btt), k[:, keep:keep + c], v[:, keep:keep + c]
+
+    def attend(self, query: torch.Tensor, k_btd: torch.Tensor, v_btd: torch.Tensor, pos_emb: torch.Tensor,
+               mask_btt: torch.Tensor | None) -> torch.Tensor:
+        """Attention from queries (layer inputs) and already projected keys/values [B, Tk, D]."""
         b, tq, _ = query.shape
-        tk = key_value.shape[1]
+        tk = k_btd.shape[1]
         q = self.linear_q(query).view(b, tq, self.h, self.d_k)
-        k = self.linear_k(key_value).view(b, tk, self.h, self.d_k).transpose(1, 2)
-        v = self.linear_v(key_value).view(b, tk, self.h, self.d_k).transpose(1, 2)
+        k = k_btd.view(b, tk, self.h, self.d_k).transpose(1, 2)
+        v = v_btd.view(b, tk, self.h, self.d_k).transpose(1, 2)
         p = self.linear_pos(pos_emb).view(pos_emb.shape[0], -1, self.h, self.d_k).transpose(1, 2)
         q_u = (q + self.pos_bias_u).transpose(1, 2)  # [B, H, Tq, d_k]
         q_v = (q + self.pos_bias_v).transpose(1, 2)
@@ -213,17 +231,25 @@ class ConformerLayer(nn.Module):
         self.norm_out = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, att_mask, pos_emb, pad_mask, cache_channel=None, cache_time=None, cache_drop: int = 0):
+    def forward(self, x, att_mask, pos_emb, pad_mask, cache_channel=None, cache_time=None, cache_drop: int = 0,
+                cache_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``cache_channel`` [B, C, D]: the last C attention inputs (NeMo); or ``cache_kv`` (k, v) [B, C, D] each:
+        their projections (the projected-K/V variant), then ``next_channel`` is the (next_k, next_v) pair."""
         x = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
         q = self.norm_self_att(x)
         next_channel = None
-        if cache_channel is None:
-            kv = q
-        else:  # keys/values see the cached inputs; the cache keeps the last C inputs not dropped
-            kv = torch.cat([cache_channel, q], dim=1)
-            keep = q.shape[1] - cache_drop
-            next_channel = torch.cat([cache_channel[:, keep:], q[:, :keep]], dim=1)
-        x = x + self.dropout(self.self_attn(q, kv, pos_emb, att_mask))
+        if cache_kv is not None:
+            att, next_k, next_v = self.self_attn.forward_cached_kv(q, *cache_kv, pos_emb, att_mask, cache_drop)
+            next_channel = (next_k, next_v)
+        else:
+            if cache_channel is None:
+                kv = q
+            else:  # keys/values see the cached inputs; the cache keeps the last C inputs not dropped
+                kv = torch.cat([cache_channel, q], dim=1)
+                keep = q.shape[1] - cache_drop
+                next_channel = torch.cat([cache_channel[:, keep:], q[:, :keep]], dim=1)
+            att = self.self_attn(q, kv, pos_emb, att_mask)
+        x = x + self.dropout(att)
         conv_out, next_time = self.conv(self.norm_conv(x), pad_mask, cache_time, cache_drop)
         x = x + self.dropout(conv_out)
         x = x + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(x)))
@@ -267,6 +293,18 @@ class StreamingCache:
     last_channel_len: torch.Tensor
 
 
+@dataclass
+class ProjectedKVCache:
+    """The projected-K/V variant of ``StreamingCache``: instead of the last C attention inputs, each layer's keys and
+    values after linear_k / linear_v, k [L, B, C, D] and v [L, B, C, D] (heads side by side in D, as linear_k
+    outputs them), so a step projects only its new frames. Conv cache and channel_len are as in the default."""
+
+    last_k: torch.Tensor
+    last_v: torch.Tensor
+    last_time: torch.Tensor
+    last_channel_len: torch.Tensor
+
+
 # ----------------------------------------------------------------------------------------------- encoder
 class ConformerEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
@@ -293,16 +331,18 @@ class ConformerEncoder(nn.Module):
             x, _, _ = layer(x, att_mask, pos_emb, pad_mask)
         return x.transpose(1, 2), lengths
 
-    def stream_step(self, features: torch.Tensor, lengths: torch.Tensor, cache: StreamingCache, *,
-                    drop_extra_pre_encoded: int, cache_drop_size: int,
-                    att_context_size: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, StreamingCache]:
+    def stream_step(self, features: torch.Tensor, lengths: torch.Tensor, cache: StreamingCache | ProjectedKVCache,
+                    *, drop_extra_pre_encoded: int, cache_drop_size: int, att_context_size: list[int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, StreamingCache | ProjectedKVCache]:
         """One cache-aware step (NeMo's ``forward_internal`` with caches): features of one chunk, including the
-        pre-encode cache frames, -> encoded [B, D, T_valid], lengths, next cache."""
+        pre-encode cache frames, -> encoded [B, D, T_valid], lengths, next cache (of the same kind as ``cache``:
+        a ``ProjectedKVCache`` selects the projected-K/V variant)."""
         x, lengths = self.pre_encode(features.transpose(1, 2), lengths)
         if drop_extra_pre_encoded > 0:
             x = x[:, drop_extra_pre_encoded:]
             lengths = (lengths - drop_extra_pre_encoded).clamp(min=0)
-        cache_len = cache.last_channel.shape[2]
+        projected = isinstance(cache, ProjectedKVCache)
+        cache_len = (cache.last_k if projected else cache.last_channel).shape[2]
         t = x.shape[1]
         x, pos_emb = self.pos_enc(x, cache_len=cache_len)
         offset = cache_len - cache.last_channel_len
@@ -312,9 +352,30 @@ class ConformerEncoder(nn.Module):
         pad_mask, att_mask = pad_mask[:, cache_len:], att_mask[:, cache_len:]
         next_channel, next_time = [], []
         for i, layer in enumerate(self.layers):
-            x, ch, tm = layer(x, att_mask, pos_emb, pad_mask, cache.last_channel[i], cache.last_time[i],
-                              cache_drop_size)
+            if projected:
+                x, ch, tm = layer(x, att_mask, pos_emb, pad_mask, None, cache.last_time[i], cache_drop_size,
+                                  cache_kv=(cache.last_k[i], cache.last_v[i]))
+            else:
+                x, ch, tm = layer(x, att_mask, pos_emb, pad_mask, cache.last_channel[i], cache.last_time[i],
+                                  cache_drop_size)
             next_channel.append(ch)
             next_time.append(tm)
         next_len = torch.clamp(cache.last_channel_len + (t - cache_drop_size), max=cache_len)
+        if projected:
+            return x.transpose(1, 2), lengths, ProjectedKVCache(torch.stack([k for k, _ in next_channel]),
+                                                                torch.stack([v for _, v in next_channel]),
+                                                                torch.stack(next_time), next_len)
         return x.transpose(1, 2), lengths, StreamingCache(torch.stack(next_channel), torch.stack(next_time), next_len)
+
+    @torch.no_grad()
+    def project_cache(self, cache: StreamingCache) -> ProjectedKVCache:
+        """Layer-input cache -> projected-K/V cache (each layer's linear_k / linear_v over its cached inputs), so a
+        stream can switch variant between two steps. One way only: the inputs cannot be recovered from K/V.
+        Frames not yet filled project to the biases, not to zeros as in a fresh projected cache; both are masked
+        (``last_channel_len``), so the step's outputs are the same."""
+        x = cache.last_channel  # [L, B, C, D]
+        k, v = torch.empty_like(x), torch.empty_like(x)  # same strides as x: a batch-first view stays batch-first
+        for i, layer in enumerate(self.layers):  # layer by layer: no other cache-sized temporaries
+            k[i] = layer.self_attn.linear_k(x[i])
+            v[i] = layer.self_attn.linear_v(x[i])
+        return ProjectedKVCache(k, v, cache.last_time, cache.last_channel_len)

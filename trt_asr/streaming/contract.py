@@ -9,6 +9,11 @@ Cache-aware mode ("stream" step):
     cache_last_channel_next_len
 Buffered mode ("window" step): audio_signal [B, F, T], length [B] -> encoder_output [B, D, T'], encoded_lengths [B].
 
+Projected-K/V variant of the stream step (``kv_cache="projected"``; the default ``"layer_input"`` is NeMo's):
+cache_last_channel is replaced by cache_last_channel_k and cache_last_channel_v [B, L, C, D] (each layer's keys and
+values after linear_k / linear_v; outputs ``*_next``), so a step projects only its new frames. Same dtypes, same
+cache_last_time / cache_last_channel_len and the same invariants. ``cache_io`` lists a variant's caches.
+
 Unlike the guide this grew from (whose invariants ``encoded_lengths == 1`` and ``cache_last_channel_len_out == 0``
 described a stream whose cache was never carried), the invariants here say what a *carried* cache must do: the
 cache length grows by the chunk's frames until it saturates at C, and every chunk yields its valid frames.
@@ -57,23 +62,63 @@ class ContractViolation(RuntimeError):
                          f"[{INVARIANTS.get(invariant, '')}]")
 
 
+# ----------------------------------------------------------------------------------------------- variants
+KV_CACHE_VARIANTS = ("layer_input", "projected")
+# attention caches of each variant: (name, what it holds); the conv cache and the length are common to both
+_CHANNEL_CACHES = {
+    "layer_input": [("cache_last_channel", "last C attention inputs of every layer")],
+    "projected": [("cache_last_channel_k", "keys (after linear_k) of the last C attention inputs of every layer"),
+                  ("cache_last_channel_v", "values (after linear_v) of the last C attention inputs of every layer")],
+}
+
+
+def _check_variant(kv_cache: str) -> str:
+    if kv_cache not in KV_CACHE_VARIANTS:
+        raise ValueError(f"kv_cache must be one of {KV_CACHE_VARIANTS}, not {kv_cache!r}")
+    return kv_cache
+
+
+def cache_names(kv_cache: str = "layer_input") -> list[str]:
+    """The stream step's cache inputs, in contract order."""
+    return [n for n, _ in _CHANNEL_CACHES[_check_variant(kv_cache)]] + ["cache_last_time", "cache_last_channel_len"]
+
+
+def cache_io(params: CacheAwareParams, kv_cache: str = "layer_input", dtype: torch.dtype = torch.float32
+             ) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
+    """Per cache of the stream step: (input name, output name, per-stream shape, dtype); the batched input is
+    ``[B, *shape]``. A zero cache of these shapes is a new stream's state in every variant."""
+    L, C, D, K = params.n_layers, params.last_channel_cache_size, params.d_model, params.last_time_cache_size
+    shapes = {"cache_last_time": (L, D, K), "cache_last_channel_len": ()}
+    return [(name, _next_name(name), shapes.get(name, (L, C, D)),
+             torch.int64 if name == "cache_last_channel_len" else dtype) for name in cache_names(kv_cache)]
+
+
+def initial_cache_state(params: CacheAwareParams, batch: int, kv_cache: str = "layer_input", device=None,
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Zero caches of a variant for ``batch`` new streams, batch-first (``initial_caches`` for any variant)."""
+    return {name: torch.zeros(batch, *shape, dtype=dt, device=device)
+            for name, _, shape, dt in cache_io(params, kv_cache, dtype)}
+
+
 # ----------------------------------------------------------------------------------------------- building
 def _io(name, dtype, shape, meaning):
     return {"name": name, "dtype": dtype, "shape": shape, "description": meaning}
 
 
-def stream_io(dtype: str = "float32") -> tuple[list, list]:
+def stream_io(dtype: str = "float32", kv_cache: str = "layer_input") -> tuple[list, list]:
+    channel = _CHANNEL_CACHES[_check_variant(kv_cache)]
     inputs = [
         _io("audio_signal", dtype, ["B", "F", "T_in"], "mel features of one chunk, pre-encode cache frames first"),
         _io("length", "int64", ["B"], "real frames of audio_signal per stream"),
-        _io("cache_last_channel", dtype, ["B", "L", "C", "D"], "last C attention inputs of every layer"),
+        *[_io(name, dtype, ["B", "L", "C", "D"], meaning) for name, meaning in channel],
         _io("cache_last_time", dtype, ["B", "L", "D", "K"], "last K depthwise-convolution inputs of every layer"),
-        _io("cache_last_channel_len", "int64", ["B"], "real frames in cache_last_channel (0 for a new stream)"),
+        _io("cache_last_channel_len", "int64", ["B"], "real frames in the attention cache (0 for a new stream)"
+            if kv_cache != "layer_input" else "real frames in cache_last_channel (0 for a new stream)"),
     ]
     outputs = [
         _io("encoder_output", dtype, ["B", "D", "T_out"], "encoder frames of the chunk"),
         _io("encoded_lengths", "int64", ["B"], "valid encoder frames per stream"),
-        _io("cache_last_channel_next", dtype, ["B", "L", "C", "D"], "cache_last_channel for the next chunk"),
+        *[_io(name + "_next", dtype, ["B", "L", "C", "D"], f"{name} for the next chunk") for name, _ in channel],
         _io("cache_last_time_next", dtype, ["B", "L", "D", "K"], "cache_last_time for the next chunk"),
         _io("cache_last_channel_next_len", "int64", ["B"], "cache_last_channel_len for the next chunk"),
     ]
@@ -89,9 +134,12 @@ def window_io(dtype: str = "float32") -> tuple[list, list]:
 
 def build_contract(enc_cfg: EncoderConfig, mode: str, params: CacheAwareParams | None = None, *,
                    model_name: str = "", batch=(1, 1, 8), window_frames=(8, 800, 2400), dtype: str = "float32",
-                   window_secs: dict | None = None) -> dict:
+                   window_secs: dict | None = None, kv_cache: str = "layer_input") -> dict:
     """The contract as a dict. ``mode``: 'cache-aware' (needs ``params``) or 'buffered'. ``batch`` and
-    ``window_frames`` are (min, opt, max) for engine-build optimization profiles."""
+    ``window_frames`` are (min, opt, max) for engine-build optimization profiles. ``kv_cache``: the stream step's
+    attention cache variant; 'projected' adds ``"kv_cache": "projected"`` (absent means NeMo's 'layer_input', so
+    default contracts and their hashes are unchanged)."""
+    _check_variant(kv_cache)
     mode = {"stream": "cache-aware", "window": "buffered"}.get(mode, mode)
     e = enc_cfg
     model = {"name": model_name, "n_layers": e.n_layers, "d_model": e.d_model, "feat_in": e.feat_in,
@@ -103,7 +151,7 @@ def build_contract(enc_cfg: EncoderConfig, mode: str, params: CacheAwareParams |
     if mode == "cache-aware":
         if params is None:
             raise ValueError("cache-aware contract needs streaming params")
-        inputs, outputs = stream_io(dtype)
+        inputs, outputs = stream_io(dtype, kv_cache)
         t_first, t_next = params.input_frames(True), params.input_frames(False)
         dims = {"B": {"min": b_min, "opt": b_opt, "max": b_max}, "F": e.feat_in, "L": e.n_layers, "D": e.d_model,
                 "C": params.last_channel_cache_size, "K": params.last_time_cache_size,
@@ -111,7 +159,8 @@ def build_contract(enc_cfg: EncoderConfig, mode: str, params: CacheAwareParams |
                 "T_out": sorted({params.encoder_frames(t_first, True), params.encoder_frames(t_next, False)})}
         t_min, t_max = min(t_first, t_next), max(t_first, t_next)
         C, K, L, D, F = dims["C"], dims["K"], dims["L"], dims["D"], dims["F"]
-        shapes = lambda b, t: {"audio_signal": [b, F, t], "length": [b], "cache_last_channel": [b, L, C, D],  # noqa
+        shapes = lambda b, t: {"audio_signal": [b, F, t], "length": [b],  # noqa: E731
+                               **{n: [b, L, C, D] for n, _ in _CHANNEL_CACHES[kv_cache]},
                                "cache_last_time": [b, L, D, K], "cache_last_channel_len": [b]}
         profiles = [{"name": "chunks", "min": shapes(b_min, t_min), "opt": shapes(b_opt, t_next),
                      "max": shapes(b_max, t_max)}]
@@ -129,6 +178,8 @@ def build_contract(enc_cfg: EncoderConfig, mode: str, params: CacheAwareParams |
         invariants = list(INVARIANTS)
         exact = params.exact
     elif mode == "buffered":
+        if kv_cache != "layer_input":
+            raise ValueError("kv_cache variants are for the cache-aware (stream) step")
         inputs, outputs = window_io(dtype)
         w_min, w_opt, w_max = window_frames
         dims = {"B": {"min": b_min, "opt": b_opt, "max": b_max}, "F": e.feat_in, "D": e.d_model,
@@ -157,6 +208,8 @@ def build_contract(enc_cfg: EncoderConfig, mode: str, params: CacheAwareParams |
         "caches_layout": "batch-first at the engine boundary ([B, L, ...]); NeMo modules are layer-first",
         "invariants": [{"id": k, "meaning": INVARIANTS[k]} for k in invariants],
     }
+    if kv_cache != "layer_input":
+        contract["kv_cache"] = kv_cache
     contract["sha256"] = content_hash(contract)
     return contract
 
@@ -195,15 +248,16 @@ class ContractChecker:
     per tensor). Build it from an encoder config + params, or from a contract dict (``from_contract``)."""
 
     def __init__(self, enc_cfg: EncoderConfig | None, mode: str, params: CacheAwareParams | None = None, *,
-                 contract: dict | None = None, check_finite: bool = True):
+                 contract: dict | None = None, check_finite: bool = True, kv_cache: str = "layer_input"):
         self.mode = {"cache-aware": "stream", "buffered": "window"}.get(mode, mode)
         if contract is None:
-            contract = build_contract(enc_cfg, self.mode, params)
+            contract = build_contract(enc_cfg, self.mode, params, kv_cache=kv_cache)
         self.contract = contract
         self.params = params if params is not None or self.mode != "stream" else params_from_contract(contract)
         m = contract["model"]
         self.factor, self.causal = m["subsampling_factor"], m["causal_downsampling"]
         self.dims = contract["dims"]
+        self.kv_cache = contract.get("kv_cache", "layer_input")
         self.input_names = [x["name"] for x in contract["inputs"]]
         self.output_names = [x["name"] for x in contract["outputs"]]
         self.check_finite = check_finite
@@ -253,14 +307,15 @@ class ContractChecker:
                 raise ContractViolation("input_shape", chunk, None,
                                         f"audio_signal has {t} frames; chunks have {self.dims['T_in']}")
             L, C, D, K = (self.dims[k] for k in "LCDK")
-            for name in ("cache_last_channel", "cache_last_time"):
+            float_caches = cache_names(self.kv_cache)[:-1]
+            for name in float_caches:
                 if inputs[name].dtype != audio.dtype:
                     raise ContractViolation("input_dtype", chunk, None, f"{name} is {inputs[name].dtype}, "
                                                                         f"audio_signal {audio.dtype}")
             if inputs["cache_last_channel_len"].dtype != torch.int64:
                 raise ContractViolation("input_dtype", chunk, None, "cache_last_channel_len is not int64")
-            self._shape("cache_last_channel", inputs["cache_last_channel"], [b, L, C, D], chunk)
-            self._shape("cache_last_time", inputs["cache_last_time"], [b, L, D, K], chunk)
+            for name in float_caches:
+                self._shape(name, inputs[name], [b, L, D, K] if name == "cache_last_time" else [b, L, C, D], chunk)
             self._shape("cache_last_channel_len", inputs["cache_last_channel_len"], [b], chunk)
             cl = inputs["cache_last_channel_len"]
             self._fail_rows((cl < 0) | (cl > C), "cache_len_range", chunk,
@@ -290,7 +345,7 @@ class ContractChecker:
                                   f"(length {int(length[r])}, {'first' if self.mode == 'stream' and first else 'later'}"
                                   f" chunk)")
         if self.mode == "stream":
-            for name in ("cache_last_channel", "cache_last_time", "cache_last_channel_len"):
+            for name in cache_names(self.kv_cache):
                 self._shape(_next_name(name), outputs[_next_name(name)], list(inputs[name].shape), chunk)
             cl = inputs["cache_last_channel_len"].to(torch.long)
             want = (cl + (t_internal - p.cache_drop_size)).clamp(max=p.last_channel_cache_size)
