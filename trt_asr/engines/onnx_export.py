@@ -62,6 +62,10 @@ class StreamEncoder(nn.Module):
         self.encoder, self.p = encoder, params
 
     def forward(self, audio_signal, length, cache_last_channel, cache_last_time, cache_last_channel_len):
+        return self._step(audio_signal, length, (cache_last_channel,), cache_last_time, cache_last_channel_len)
+
+    def _step(self, audio_signal, length, channel_caches, cache_last_time, cache_last_channel_len):
+        """``channel_caches``: (cache_last_channel,) or, projected-K/V variant, (cache_last_channel_k, _v)."""
         p, enc = self.p, self.encoder
         x, lengths = enc.pre_encode(audio_signal.transpose(1, 2), length)
         drop_later = p.drop_extra_pre_encoded
@@ -74,9 +78,9 @@ class StreamEncoder(nn.Module):
             t_x = torch._shape_as_tensor(x)[1]
             x = x.index_select(1, torch.arange(drop, t_x, device=x.device))
             lengths = (lengths - drop).clamp(min=0)
-        ch = cache_last_channel.transpose(0, 1)
+        ch = [c.transpose(0, 1) for c in channel_caches]
         tm = cache_last_time.transpose(0, 1)
-        cache_len = ch.shape[2]
+        cache_len = ch[0].shape[2]
         t = x.shape[1]
         x, pos_emb = enc.pos_enc(x, cache_len=cache_len)
         offset = cache_len - cache_last_channel_len
@@ -85,14 +89,29 @@ class StreamEncoder(nn.Module):
         pad_mask, att_mask = pad_mask[:, cache_len:], att_mask[:, cache_len:]
         next_ch, next_tm = [], []
         for i, layer in enumerate(enc.layers):
-            x, c1, t1 = layer(x, att_mask, pos_emb, pad_mask, ch[i], tm[i], p.cache_drop_size)
+            if len(ch) == 2:
+                x, c1, t1 = layer(x, att_mask, pos_emb, pad_mask, None, tm[i], p.cache_drop_size,
+                                  cache_kv=(ch[0][i], ch[1][i]))
+            else:
+                x, c1, t1 = layer(x, att_mask, pos_emb, pad_mask, ch[0][i], tm[i], p.cache_drop_size)
+                c1 = (c1,)
             next_ch.append(c1)
             next_tm.append(t1)
         next_len = torch.clamp(cache_last_channel_len + (t - p.cache_drop_size), max=cache_len)
         out = x.transpose(1, 2)
         if p.att_context_style == "regular" and p.valid_out_len > 0:  # NeMo's streaming_post_process
             out, lengths = out[:, :, : p.valid_out_len], lengths.clamp(max=p.valid_out_len)
-        return (out, lengths, torch.stack(next_ch, 1), torch.stack(next_tm, 1), next_len)
+        next_channel = [torch.stack([c[j] for c in next_ch], 1) for j in range(len(ch))]
+        return (out, lengths, *next_channel, torch.stack(next_tm, 1), next_len)
+
+
+class StreamEncoderProjectedKV(StreamEncoder):
+    """The projected-K/V variant of the contract: per-layer keys / values cached after linear_k / linear_v."""
+
+    def forward(self, audio_signal, length, cache_last_channel_k, cache_last_channel_v, cache_last_time,
+                cache_last_channel_len):
+        return self._step(audio_signal, length, (cache_last_channel_k, cache_last_channel_v), cache_last_time,
+                          cache_last_channel_len)
 
 
 class DecoderStep(nn.Module):
@@ -206,9 +225,11 @@ def default_params(model, att_context_size=None, chunk_size=None, left_chunks=No
 # ----------------------------------------------------------------------------------------------- export
 def export_onnx(model, out_dir: str | Path, mode: str = "buffered", *, opset: int = 17, precision: str = "fp32",
                 params=None, max_batch: int = 64, window_frames=(8, 1400, 3000), external_data: bool | None = None,
-                check: bool = True, decoder: bool = True) -> dict:
-    """Export ``model`` (a TransducerModel, any device) to ``out_dir``; returns the export metadata dict."""
-    from ..streaming.contract import build_contract, write_contract
+                check: bool = True, decoder: bool = True, kv_cache: str = "layer_input") -> dict:
+    """Export ``model`` (a TransducerModel, any device) to ``out_dir``; returns the export metadata dict.
+    ``kv_cache="projected"`` (cache-aware only) exports the projected-K/V variant of the stream step
+    (``cache_last_channel_k`` / ``_v`` instead of ``cache_last_channel``; see ``trt_asr.streaming.contract``)."""
+    from ..streaming.contract import build_contract, stream_io, write_contract
 
     mode = {"stream": "cache-aware", "window": "buffered", None: "buffered"}.get(mode, mode)
     if mode not in ENCODER_FILES:
@@ -225,8 +246,11 @@ def export_onnx(model, out_dir: str | Path, mode: str = "buffered", *, opset: in
     if mode == "cache-aware" and params is None:
         params = default_params(model)
     onnx_dtype = "float32" if precision == "fp32" else "float16"
+    if kv_cache != "layer_input" and mode != "cache-aware":
+        raise ValueError("kv_cache variants are for the cache-aware (stream) step")
     contract = build_contract(enc_cfg, mode, params, model_name=getattr(model, "name", ""),
-                              batch=(1, 1, max_batch), window_frames=window_frames, dtype=onnx_dtype)
+                              batch=(1, 1, max_batch), window_frames=window_frames, dtype=onnx_dtype,
+                              kv_cache=kv_cache)
     write_contract(contract, out)
     meta_common = {"producer": "trt-asr", "contract_sha256": contract["sha256"],
                    "contract_version": contract["contract_version"], "model_name": getattr(model, "name", ""),
@@ -244,19 +268,30 @@ def export_onnx(model, out_dir: str | Path, mode: str = "buffered", *, opset: in
     else:
         C, K = params.last_channel_cache_size, params.last_time_cache_size
         T = params.input_frames(False)
-        args = (torch.randn(2, F, T, generator=g).to(dtype), torch.tensor([T, T - 3]),
-                torch.randn(2, L, C, D, generator=g).to(dtype), torch.randn(2, L, D, K, generator=g).to(dtype),
-                torch.tensor([C, max(C // 2, 0)]))
-        path = _export(StreamEncoder(encoder, params), args, out / ENCODER_FILES[mode],
-                       ["audio_signal", "length", "cache_last_channel", "cache_last_time", "cache_last_channel_len"],
-                       ["encoder_output", "encoded_lengths", "cache_last_channel_next", "cache_last_time_next",
-                        "cache_last_channel_next_len"],
-                       {"audio_signal": {0: "B", 2: "T_in"}, "length": {0: "B"}, "cache_last_channel": {0: "B"},
-                        "cache_last_time": {0: "B"}, "cache_last_channel_len": {0: "B"},
-                        "encoder_output": {0: "B", 2: "T_out"}, "encoded_lengths": {0: "B"},
-                        "cache_last_channel_next": {0: "B"}, "cache_last_time_next": {0: "B"},
-                        "cache_last_channel_next_len": {0: "B"}},
-                       opset, {**meta_common, "graph": "encoder_stream"}, external_data)
+        if kv_cache == "layer_input":
+            args = (torch.randn(2, F, T, generator=g).to(dtype), torch.tensor([T, T - 3]),
+                    torch.randn(2, L, C, D, generator=g).to(dtype), torch.randn(2, L, D, K, generator=g).to(dtype),
+                    torch.tensor([C, max(C // 2, 0)]))
+            path = _export(StreamEncoder(encoder, params), args, out / ENCODER_FILES[mode],
+                           ["audio_signal", "length", "cache_last_channel", "cache_last_time", "cache_last_channel_len"],
+                           ["encoder_output", "encoded_lengths", "cache_last_channel_next", "cache_last_time_next",
+                            "cache_last_channel_next_len"],
+                           {"audio_signal": {0: "B", 2: "T_in"}, "length": {0: "B"}, "cache_last_channel": {0: "B"},
+                            "cache_last_time": {0: "B"}, "cache_last_channel_len": {0: "B"},
+                            "encoder_output": {0: "B", 2: "T_out"}, "encoded_lengths": {0: "B"},
+                            "cache_last_channel_next": {0: "B"}, "cache_last_time_next": {0: "B"},
+                            "cache_last_channel_next_len": {0: "B"}},
+                           opset, {**meta_common, "graph": "encoder_stream"}, external_data)
+        else:  # names from the contract's variant; every dim but batch (and the chunk's time) is static
+            ins, outs = stream_io(onnx_dtype, kv_cache)
+            args = (torch.randn(2, F, T, generator=g).to(dtype), torch.tensor([T, T - 3]),
+                    *[torch.randn(2, L, C, D, generator=g).to(dtype) for _ in ins[2:-2]],
+                    torch.randn(2, L, D, K, generator=g).to(dtype), torch.tensor([C, max(C // 2, 0)]))
+            axes = {x["name"]: {i: d for i, d in enumerate(x["shape"]) if d in ("B", "T_in", "T_out")}
+                    for x in ins + outs}
+            path = _export(StreamEncoderProjectedKV(encoder, params), args, out / ENCODER_FILES[mode],
+                           [x["name"] for x in ins], [x["name"] for x in outs], axes, opset,
+                           {**meta_common, "graph": "encoder_stream", "kv_cache": kv_cache}, external_data)
     files.append(path.name)
     del encoder
     if decoder:
@@ -289,6 +324,8 @@ def export_onnx(model, out_dir: str | Path, mode: str = "buffered", *, opset: in
             "contract_sha256": contract["sha256"], "vocab_size": model.cfg.decoder.vocab_size,
             "model_name": getattr(model, "name", ""), "torch": torch.__version__,
             "streaming_params": params.to_dict() if params is not None else None}
+    if kv_cache != "layer_input":
+        meta["kv_cache"] = kv_cache
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
     if check:
         for name in files:
