@@ -152,11 +152,11 @@ LENGTHS = [int(4.37 * SR), 40 * SPF, 9 * 5 * SPF + 4 * SPF, 9 * 5 * SPF + 4 * SP
 def test_tiny_equals_nemo_buffered(tiny, n):
     a = audio(samples=n, seed=n)
     ref, ref_jumps = nemo_buffered(tiny, [a], **CTX)
-    ours, jumps = ours_streamed(tiny, a, piece_secs=0.13, keep_last_partial_frame=False, **CTX)
+    ours, jumps = ours_streamed(tiny, a, piece_secs=0.13, keep_last_partial_frame=False, seam="nemo", **CTX)
     assert ours == ref[0]
     assert jumps == [j[0] for j in ref_jumps]  # same decoder state carried across every seam
     if n % SPF == 0:  # no partial last frame: the default (offline-consistent) mode is NeMo's too
-        assert triples(stream_tokens(tiny, [a], piece_secs=0.05, **CTX)[0]) == ref[0]
+        assert triples(stream_tokens(tiny, [a], piece_secs=0.05, seam="nemo", **CTX)[0]) == ref[0]
 
 
 @pytest.mark.nemo
@@ -164,7 +164,7 @@ def test_tiny_equals_nemo_buffered(tiny, n):
 def test_rnnt_equals_nemo_buffered(tiny_rnnt, n):
     a = audio(samples=n, seed=n + 1)
     ref, _ = nemo_buffered(tiny_rnnt, [a], **CTX)
-    ours, jumps = ours_streamed(tiny_rnnt, a, piece_secs=0.13, keep_last_partial_frame=False, **CTX)
+    ours, jumps = ours_streamed(tiny_rnnt, a, piece_secs=0.13, keep_last_partial_frame=False, seam="nemo", **CTX)
     assert len(ours) > 10 and ours == ref[0] and set(jumps) == {0}
 
 
@@ -176,7 +176,8 @@ def test_tiny_nemo_batch_of_equal_lengths(tiny):
     still skipping blanks -- it re-reads the duration at the advanced frame; its frames and labels are right.)"""
     auds = [audio(samples=int(3.5 * SR), seed=s) for s in range(3)]
     ref, _ = nemo_buffered(tiny, auds, **CTX)
-    ours = [triples(t) for t in stream_tokens(tiny, auds, piece_secs=0.1, keep_last_partial_frame=False, **CTX)]
+    ours = [triples(t) for t in stream_tokens(tiny, auds, piece_secs=0.1, keep_last_partial_frame=False, seam="nemo",
+                                              **CTX)]
     assert [[(lab, f) for lab, f, _ in x] for x in ours] == [[(lab, f) for lab, f, _ in x] for x in ref]
     assert ours == [nemo_buffered(tiny, [a], **CTX)[0][0] for a in auds]
 
@@ -186,7 +187,7 @@ def test_v3_dims_equal_nemo_with_seam_crossing_jumps(v3_small):
     a = audio(samples=int(6.1 * SR), seed=3)
     ctx = dict(left_secs=1.6, chunk_secs=0.8, right_secs=0.8)
     ref, ref_jumps = nemo_buffered(v3_small, [a], **ctx)
-    ours, jumps = ours_streamed(v3_small, a, piece_secs=0.25, keep_last_partial_frame=False, **ctx)
+    ours, jumps = ours_streamed(v3_small, a, piece_secs=0.25, keep_last_partial_frame=False, seam="nemo", **ctx)
     assert len(ref[0]) > 10
     assert ours == ref[0]
     assert jumps == [j[0] for j in ref_jumps]
@@ -194,8 +195,59 @@ def test_v3_dims_equal_nemo_with_seam_crossing_jumps(v3_small):
 
 
 def test_tdt_jump_crosses_seams_tiny(tiny):
-    _, jumps = ours_streamed(tiny, audio(6.0, seed=11), piece_secs=0.2, **CTX)
+    _, jumps = ours_streamed(tiny, audio(6.0, seed=11), piece_secs=0.2, seam="nemo", **CTX)
     assert any(j > 0 for j in jumps[:-1])
+
+
+def steps_of(model, a, piece_secs, **params):
+    """(committed triples, horizon, carried time jump) after every step of one stream."""
+    rec = Recognizer(model, "buffered", **params)
+    s = rec.open()
+    out, piece = [], max(1, int(piece_secs * SR))
+    for pos in range(0, a.numel() + piece, piece):
+        if pos < a.numel():
+            s.feed(a[pos:pos + piece], step=False)
+        else:
+            s.finish(step=False)
+        while rec.step():
+            ev = s.poll()[-1]
+            out.append((triples(ev.committed), s.horizon, int(s.state.decoder_state.time_jump)))
+    return out, rec.mode
+
+
+def test_redecode_seam_commits_no_jump_past_the_chunk_end(tiny):
+    """seam="redecode" (default): each step commits up to ``overlap_frames`` (= largest TDT duration - 1) before its
+    chunk end and the next window re-decodes from there with the carried state. On audio where NeMo's loop carries
+    TDT jumps across chunk ends, the redecode loop's carried jump never leaves the re-decoded frames, so no committed
+    decision skips frames the window saw only as right context; commits tile the frames in order (no frame twice)."""
+    a = audio(6.0, seed=11)
+    nemo, _ = steps_of(tiny, a, 0.2, seam="nemo", **CTX)
+    steps, mode = steps_of(tiny, a, 0.2, **CTX)
+    overlap, chunk = mode.cfg.overlap_frames, mode.cfg.chunk_frames
+    assert mode.name == "buffered" and overlap == max(tiny.cfg.decoding.durations) - 1 == 3
+    assert any(jump > 0 for _, _, jump in nemo[:-1])  # NeMo: decisions at the chunk end jump into the next chunk
+    assert [h for _, h, _ in nemo[:-1]] == [chunk * (k + 1) for k in range(len(nemo) - 1)]
+    # redecode: the commit boundary is the chunk end minus the overlap, the same windows as NeMo's
+    assert [h for _, h, _ in steps[:-1]] == [chunk * (k + 1) - overlap for k in range(len(steps) - 1)]
+    assert len(steps) == len(nemo) and steps[-1][1] == nemo[-1][1]
+    assert all(jump <= overlap for _, _, jump in steps[:-1])  # resumes inside the frames the next window re-decodes
+    previous = 0
+    for committed, horizon, jump in steps:
+        assert all(previous <= f < horizon for _, f, _ in committed)
+        previous = horizon
+    # overlap 0 is NeMo's loop
+    assert steps_of(tiny, a, 0.2, overlap_frames=0, **CTX)[0] == nemo
+
+
+def test_redecode_overlap_is_capped_by_chunk_and_left_context(tiny):
+    from trt_asr.streaming.buffered import BufferedMode
+
+    assert BufferedMode(tiny, 0.8, 0.4, 0.32).cfg.overlap_frames == 3  # 10 / 5 / 4 frames, durations [0..4]
+    assert BufferedMode(tiny, 0.8, 0.16, 0.32).cfg.overlap_frames == 1  # < chunk: every step commits a frame
+    assert BufferedMode(tiny, 0.0, 0.4, 0.32).cfg.overlap_frames == 0  # no left context to re-decode from
+    assert BufferedMode(tiny, 0.8, 0.4, 0.32, seam="nemo").cfg.overlap_frames == 0
+    with pytest.raises(ValueError):
+        BufferedMode(tiny, seam="middle")
 
 
 @pytest.mark.parametrize("n", [int(3.37 * SR), 30 * SPF, 5])
@@ -218,9 +270,11 @@ def test_tentative_tail_is_right_context_decoding(tiny):
     s = rec.open()
     events = s.feed(audio(2.0, seed=4))
     assert events and not events[-1].final
-    chunk_end = s.state.frames_decoded
+    horizon, overlap = s.state.frames_decoded, rec.mode.cfg.overlap_frames
+    assert events[-1].tentative
     for t in events[-1].tentative:
-        assert chunk_end <= t.frame < chunk_end + 4 + 4  # right context (+ at most one TDT jump into it)
+        # the re-decoded overlap + right context (+ at most one TDT jump into it)
+        assert horizon <= t.frame < horizon + overlap + 4 + 4
     assert s.finish()[-1].final
 
 
@@ -231,7 +285,7 @@ def test_full_v3_equals_nemo_buffered(v3_model):
     a = audio(samples=26 * SPF + 700, seed=8)
     ctx = dict(left_secs=0.8, chunk_secs=0.48, right_secs=0.48)  # 10 / 6 / 6 frames: 4 steps
     ref, ref_jumps = nemo_buffered(v3_model, [a], **ctx)
-    ours, jumps = ours_streamed(v3_model, a, piece_secs=0.3, keep_last_partial_frame=False, **ctx)
+    ours, jumps = ours_streamed(v3_model, a, piece_secs=0.3, keep_last_partial_frame=False, seam="nemo", **ctx)
     assert len(jumps) >= 3 and len(ref[0]) > 5
     assert ours == ref[0]
     assert jumps == [j[0] for j in ref_jumps]

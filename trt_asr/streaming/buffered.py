@@ -15,6 +15,18 @@ NeMo decodes floor(chunk / 1280) frames there, dropping a last partial frame (< 
 ``keep_last_partial_frame=True`` (default) decodes every encoder frame of the last window past the left context
 instead, which makes buffered == offline when one window covers the whole file. With False, tokens are NeMo's.
 
+Seams (``seam=``). "nemo" is NeMo's loop as above: a step commits its whole chunk, so the decisions at the last
+chunk frames are made with the least right context (R) of any frame, and a TDT duration decided there can jump up to
+(largest duration - 1) frames into the next chunk, skipping frames the window saw only as right context. On the
+30-minute demo recording that lost a word: a blank beat "re" (p 0.55 / 0.41) 3 frames before a seam and the next
+decision jumped across it; the next window, with 2 s more right context, emits "re" there (docs/demo-model.md).
+"redecode" commits each chunk only up to ``overlap_frames`` before its end (default: largest TDT duration - 1, so
+a committed decision -- its frame and the frames its jump skips -- never reaches past the chunk end) and carries
+the decoder state from there; the next window (same audio windows as NeMo) decodes from that frame, so the overlap
+frames are decided with R + C right context and committed once, in one continuous decoder pass: no frame is decoded
+twice into the transcript, no merge is needed. The stream's last step commits everything. Cost: the overlap's tokens
+come one step later (latency + overlap), one chunk of audio per step as before.
+
 A chunk is stepped once audio *past* its right context arrived (or the stream ended), so a stream that ends exactly
 at a chunk boundary takes NeMo's last-chunk path. Timestamps are absolute encoder frames since the stream started
 (NeMo's ``timestamps + decoded_lengths``).
@@ -37,17 +49,20 @@ class BufferedConfig:
     chunk_frames: int = 25
     right_frames: int = 25
     keep_last_partial_frame: bool = True
+    overlap_frames: int = 0  # seam="redecode": last chunk frames left tentative and re-decoded by the next window
 
     @classmethod
     def from_secs(cls, model_cfg, left_secs: float = 10.0, chunk_secs: float = 2.0, right_secs: float = 2.0,
-                  keep_last_partial_frame: bool = True) -> "BufferedConfig":
-        """Seconds -> whole encoder frames, rounded down as NeMo's script does."""
+                  keep_last_partial_frame: bool = True, overlap_frames: int = 0) -> "BufferedConfig":
+        """Seconds -> whole encoder frames, rounded down as NeMo's script does. The overlap is capped so that every
+        step still commits a frame (< chunk) and the next window's left context holds it (<= left)."""
         features_per_sec = 1.0 / model_cfg.preprocessor.window_stride
         factor = model_cfg.encoder.subsampling_factor
-        frames = [int(s * features_per_sec / factor) for s in (left_secs, chunk_secs, right_secs)]
-        if frames[1] < 1:
+        left, chunk, right = (int(s * features_per_sec / factor) for s in (left_secs, chunk_secs, right_secs))
+        if chunk < 1:
             raise ValueError(f"chunk_secs={chunk_secs} is shorter than one encoder frame ({model_cfg.frame_seconds} s)")
-        return cls(*frames, keep_last_partial_frame=keep_last_partial_frame)
+        overlap = max(0, min(overlap_frames, chunk - 1, left))
+        return cls(left, chunk, right, keep_last_partial_frame, overlap)
 
 
 class BufferedStream:
@@ -63,23 +78,32 @@ class BufferedStream:
         self.ctx_left = self.ctx_chunk = self.ctx_right = 0  # the current window, as NeMo's ContextSizeBatch
         self.decoder_state: DecoderState | None = None
         self.frames_decoded = 0  # encoder frames committed so far (NeMo's decoded_lengths)
+        self.redecode = 0  # frames before this window's chunk that the last step left tentative (seam="redecode")
         self.steps = 0
 
 
 class BufferedMode:
     """``StreamingMode`` "buffered". ``engine``: an optional ``EncoderEngine`` with mode "window" to run the encoder
-    (default: the model's own PyTorch encoder)."""
+    (default: the model's own PyTorch encoder). ``seam``: "redecode" (default) leaves the last ``overlap_frames``
+    of every chunk tentative and commits them from the next window (default: the largest TDT duration - 1, see the
+    module docstring); "nemo" is NeMo's loop."""
 
     name = "buffered"
+    SEAMS = ("redecode", "nemo")
 
     def __init__(self, model, left_secs: float = 10.0, chunk_secs: float = 2.0, right_secs: float = 2.0, *,
-                 keep_last_partial_frame: bool = True, config: BufferedConfig | None = None, engine=None,
-                 decoder=None):
+                 keep_last_partial_frame: bool = True, seam: str = "redecode", overlap_frames: int | None = None,
+                 config: BufferedConfig | None = None, engine=None, decoder=None):
+        if seam not in self.SEAMS:
+            raise ValueError(f"seam={seam!r}; known: {', '.join(self.SEAMS)}")
         self.model = model
-        self.cfg = config or BufferedConfig.from_secs(model.cfg, left_secs, chunk_secs, right_secs,
-                                                      keep_last_partial_frame)
-        self.engine = engine
         self.decoder = decoder or model.greedy_decoder()
+        if overlap_frames is None:
+            overlap_frames = max(self.decoder.durations, default=1) - 1
+        self.cfg = config or BufferedConfig.from_secs(model.cfg, left_secs, chunk_secs, right_secs,
+                                                      keep_last_partial_frame,
+                                                      overlap_frames if seam == "redecode" else 0)
+        self.engine = engine
         self.sample_rate = model.cfg.sample_rate
         self.frame_seconds = model.cfg.frame_seconds
         self.samples_per_frame = model.cfg.preprocessor.hop_length * model.cfg.encoder.subsampling_factor
@@ -89,8 +113,9 @@ class BufferedMode:
 
     @property
     def latency_seconds(self) -> float:
-        """Audio that must arrive after a chunk's first sample before it is committed (chunk + right context)."""
-        return (self.chunk + self.right) / self.sample_rate
+        """Audio that must arrive after a chunk's first sample before it is committed (chunk + right context, + the
+        overlap: the first frames of a chunk are the previous step's overlap, committed one step later)."""
+        return (self.chunk + self.right + self.cfg.overlap_frames * self.samples_per_frame) / self.sample_rate
 
     # -------------------------------------------------------------- buffering
     def new_stream(self) -> BufferedStream:
@@ -161,18 +186,25 @@ class BufferedMode:
 
         left_f = torch.tensor([s.ctx_left // spf for s in streams])
         chunk_f = torch.tensor([s.ctx_chunk // spf for s in streams])
+        last = torch.tensor(lasts)
         if self.cfg.keep_last_partial_frame:
-            last = torch.tensor(lasts)
             chunk_f = torch.where(last, (enc_len - left_f).clamp(min=0), chunk_f)
         chunk_f = torch.minimum(chunk_f, (enc_len - left_f).clamp(min=0))
-        right_f = torch.where(torch.tensor(lasts), 0, (enc_len - left_f - chunk_f).clamp(min=0))
+        # seam="redecode": decoding resumes where the previous step stopped committing (``redecode`` frames before
+        # this chunk, decoded there with only the right context); this step leaves its own last ``overlap`` chunk
+        # frames tentative, except at the end. overlap 0 (seam="nemo") is NeMo's loop.
+        redecode = torch.tensor([s.redecode for s in streams])
+        start_f = left_f - redecode
+        overlap = torch.where(last, 0, torch.minimum(chunk_f, torch.tensor(self.cfg.overlap_frames)))
+        commit_f = redecode + chunk_f - overlap
+        tail_f = torch.where(last, 0, (enc_len - start_f - commit_f).clamp(min=0))
 
         state = DecoderState.stack([s.decoder_state if s.decoder_state is not None
                                     else self.decoder.initial_state(1, device, enc_bdt.dtype) for s in streams])
-        chunk_tokens, state = self.decoder(_frames(enc_bdt, left_f, chunk_f), chunk_f.to(device), state)
-        # tentative tail: the right-context frames, decoded from (a copy of) the state after the chunk
-        if int(right_f.max()) > 0:
-            tail_tokens, _ = self.decoder(_frames(enc_bdt, left_f + chunk_f, right_f), right_f.to(device), state)
+        chunk_tokens, state = self.decoder(_frames(enc_bdt, start_f, commit_f), commit_f.to(device), state)
+        # tentative tail: the overlap and right-context frames, decoded from (a copy of) the state after the commit
+        if int(tail_f.max()) > 0:
+            tail_tokens, _ = self.decoder(_frames(enc_bdt, start_f + commit_f, tail_f), tail_f.to(device), state)
             tails = tail_tokens.to_lists()
         else:
             tails = [[] for _ in streams]
@@ -181,7 +213,8 @@ class BufferedMode:
         for b, (s, committed, tail) in enumerate(zip(streams, chunk_tokens.to_lists(), tails)):
             s.decoder_state = state.select(torch.tensor([b], device=device))
             start = s.frames_decoded
-            s.frames_decoded += int(chunk_f[b])
+            s.frames_decoded += int(commit_f[b])
+            s.redecode = int(overlap[b])
             s.finished = lasts[b]
             s.steps += 1
             if s.finished:
