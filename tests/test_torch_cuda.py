@@ -76,6 +76,18 @@ def test_transcriber_and_graph_decoder_equal_eager_cpu(tiny):
     assert tr(audio, lengths).to_lists() == ref.to_lists()
 
 
+@pytest.mark.parametrize("sub_batches", [2, 3])
+def test_pipelined_sub_batches_equal_one_batch_cpu(tiny, sub_batches):
+    """Length-sorted sub-batches give each utterance the tokens of the one-batch pass, in the caller's order."""
+    audio, lengths = _audio(5)
+    lengths = lengths[torch.tensor([2, 0, 4, 1, 3])]  # unsorted on purpose
+    one = TorchCudaTranscriber(tiny, precision="fp32", device="cpu", max_batch=5, max_seconds=4)
+    piped = TorchCudaTranscriber(tiny, precision="fp32", device="cpu", max_batch=5, max_seconds=4,
+                                 sub_batches=sub_batches)
+    ref = one(audio, lengths).to_lists()
+    assert any(ref) and piped(audio, lengths).to_lists() == ref
+
+
 def test_load_engine_model_torch_cuda_cpu(tiny):
     from trt_asr.engines import load_engine_model
 

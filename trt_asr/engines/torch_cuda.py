@@ -435,22 +435,30 @@ class TorchCudaTranscriber:
 
     def __init__(self, model, precision: str = "bf16", device="cuda", max_batch: int = 128, max_seconds: float = 20.0,
                  encoder_graphs: bool = False, decoder_block: int = 16, compile_encoder: bool = False,
-                 autocast: bool = False):
+                 autocast: bool = False, sub_batches: int = 1):
+        """``sub_batches`` > 1: sort the batch by length and run it as that many sub-batches, each one's greedy
+        decoding overlapping the next one's encoder (same tokens as one batch; less padding, decoder hidden)."""
         self.device = torch.device(device)
+        self.sub_batches = max(1, int(sub_batches))
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.model = model
         self.preprocessor = copy.deepcopy(model.preprocessor).to(self.device).float().eval()
         self.engine = TorchCudaEngine(model, "window", precision, self.device, use_graphs=encoder_graphs and
-                                      self.device.type == "cuda", batch_buckets=(max_batch,), time_quantum=64,
+                                      self.device.type == "cuda",
+                                      batch_buckets=(-(-max_batch // self.sub_batches),), time_quantum=64,
                                       autocast=autocast, compile_mode="default" if compile_encoder else None)
         self.joint_enc = copy.deepcopy(model.joint.enc).to(self.device, torch.float32).eval()
         sub = model.cfg.encoder.subsampling_factor
         hop = model.cfg.preprocessor.hop_length
         max_frames = int(max_seconds * model.cfg.sample_rate) // hop // sub + 2
-        self.decoder = GraphGreedyDecoder(model, max_batch, max_frames, self.device, block=decoder_block)
+        self.decoder = GraphGreedyDecoder(model, -(-max_batch // self.sub_batches), max_frames, self.device,
+                                          block=decoder_block)
         self.max_frames = max_frames
 
     @torch.inference_mode()
     def __call__(self, audio: torch.Tensor, lengths: torch.Tensor, timing: Timing | None = None) -> BatchedTokens:
+        if self.sub_batches > 1 and len(lengths) > 1:
+            return self._pipelined(audio, lengths, timing)
         cuda = self.device.type == "cuda"
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if (timing is not None and cuda) else None
         if ev:
@@ -470,3 +478,61 @@ class TorchCudaTranscriber:
             timing.encoder_s += ev[1].elapsed_time(ev[2]) / 1e3
             timing.decoder_s += ev[2].elapsed_time(ev[3]) / 1e3
         return tokens
+
+    @torch.inference_mode()
+    def _pipelined(self, audio: torch.Tensor, lengths: torch.Tensor, timing: Timing | None) -> BatchedTokens:
+        """Length-sorted sub-batches (less padding), and sub-batch i's decoder (small latency-bound kernels, on a
+        side stream) runs while sub-batch i+1's encoder (large GEMMs) is already queued on the main stream."""
+        cuda = self.device.type == "cuda"
+        n = len(lengths)
+        order = torch.argsort(lengths.cpu(), descending=True, stable=True)
+        size = -(-n // self.sub_batches)
+        groups = [order[i: i + size] for i in range(0, n, size)]
+        main = torch.cuda.current_stream(self.device) if cuda else None
+        side = self._side_stream if cuda else None
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if (timing is not None and cuda) else None
+
+        def encode(idx):
+            idx_dev = idx.to(self.device)
+            n_samples = int(lengths[idx[0]])  # longest of the group (sorted)
+            a = audio.index_select(0, idx_dev.to(audio.device))[:, :n_samples].to(self.device, torch.float32)
+            feats, feat_len = self.preprocessor(a, lengths.index_select(0, idx_dev.to(lengths.device)).to(self.device))
+            out = self.engine.step({"audio_signal": feats.to(self.engine.dtype), "length": feat_len}, clone=False)
+            f = self.joint_enc(out["encoder_output"].transpose(1, 2).float())
+            done = torch.cuda.Event() if cuda else None
+            if cuda:
+                done.record(main)
+            return f, out["encoded_lengths"], done
+
+        if ev:
+            ev[0].record()
+        results = []
+        pending = encode(groups[0])
+        for gi in range(len(groups)):
+            nxt = encode(groups[gi + 1]) if gi + 1 < len(groups) else None  # queued before this group's decode
+            f, enc_len, done = pending
+            if cuda:
+                side.wait_event(done)
+                with torch.cuda.stream(side):
+                    results.append(self.decoder(f, enc_len))
+                    f.record_stream(side)
+            else:
+                results.append(self.decoder(f, enc_len))
+            pending = nxt
+        if cuda:
+            main.wait_stream(side)
+        if ev:
+            ev[1].record()
+            ev[1].synchronize()
+            timing.encoder_s += ev[0].elapsed_time(ev[1]) / 1e3  # pipelined: front end + encoder + decoder
+        # back to the caller's order
+        width = max(int(r.counts.max()) if len(r.counts) else 0 for r in results)
+        out = {k: torch.zeros(n, width, dtype=torch.long, device=self.device) for k in ("labels", "frames", "durs")}
+        counts = torch.zeros(n, dtype=torch.long, device=self.device)
+        for idx, r in zip(groups, results):
+            idx_dev = idx.to(self.device)
+            w = r.labels.shape[1]
+            for k, v in (("labels", r.labels), ("frames", r.frames), ("durs", r.durations)):
+                out[k][idx_dev, :w] = v
+            counts[idx_dev] = r.counts
+        return BatchedTokens(out["labels"], out["frames"], out["durs"], counts)
