@@ -43,6 +43,10 @@ def main() -> int:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--ks", default=None, help="K sweep for every selected config (default: per config)")
+    ap.add_argument("--state", default="auto", choices=["auto", "batched", "per-stream"],
+                    help="cache-aware configs: batched (BatchedCacheAwareMode, the default) or per-stream "
+                    "(CacheAwareMode); the *_pooled config always runs the SlotPool CacheAwareMode")
+    ap.add_argument("--drain-timeout", type=float, default=20.0)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +63,8 @@ def main() -> int:
         cmd = [sys.executable, "-m", "trt_asr", "bench", "load", "--model", args.model, "--device", args.device,
                "--duration", str(args.duration), "--streams", args.ks or (ks_quick if args.quick else ks),
                "--engine", args.engine, "--dtype", args.dtype, "--max-batch", str(args.max_batch),
-               "--drain-timeout", "20", "--summary-json", str(dest), *extra]
+               "--drain-timeout", str(args.drain_timeout), "--state", args.state, "--summary-json", str(dest),
+               *extra]
         print("+", " ".join(cmd), file=sys.stderr, flush=True)
         try:
             subprocess.run(cmd, timeout=min(args.time_limit, left), stdout=subprocess.DEVNULL)
@@ -77,7 +82,7 @@ def main() -> int:
         print(f"{name:28s} {k!s:>16s} {p99!s:>9s}  {runs or ''}")
     (out / "load_capacity_table.json").write_text(json.dumps(
         {"model": args.model, "device": args.device, "duration": args.duration, "engine": args.engine,
-         "dtype": args.dtype, "max_batch": args.max_batch,
+         "dtype": args.dtype, "max_batch": args.max_batch, "state": args.state,
          "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
          "rows": [dict(zip(("config", "max_k_sustained", "p99_ms", "runs"), r)) for r in rows]}, indent=2) + "\n")
     return 0

@@ -63,7 +63,11 @@ def register(sub) -> None:
     lp.add_argument("--chunk-ms", type=float, default=560.0, help="cache-aware chunk (multiple of the 80 ms frame)")
     lp.add_argument("--left-frames", type=int, default=70, help="cache-aware left attention context (frames)")
     lp.add_argument("--in-process", action="store_true", help="no network: streams go straight to the scheduler")
-    lp.add_argument("--pooled", action="store_true", help="in-process cache-aware: device state in a SlotPool")
+    lp.add_argument("--state", default="auto", choices=["auto", "batched", "per-stream", "pooled"],
+                    help="cache-aware: batched = BatchedCacheAwareMode (mel, caches, decoder state and greedy loop "
+                    "batched on the device; the default: 'auto'), per-stream = CacheAwareMode, pooled = CacheAwareMode "
+                    "with its state in a SlotPool (in-process only)")
+    lp.add_argument("--pooled", action="store_true", help="same as --state pooled")
     lp.add_argument("--server-batching", default="scheduler", choices=["scheduler", "lock"],
                     help="own server: caption streams batched by one StreamScheduler (default, as `trt-asr serve`) "
                     "or by the lock-shared Recognizer (the previous way)")
@@ -200,8 +204,19 @@ class GPUSampler:
                 "max": round(float(a.max()), 1), "n": int(a.size)}
 
 
-def reference_texts(model, mode: str, params: dict, audios) -> list[str]:
-    """Each audio streamed alone through the same mode (batched == alone, exactly)."""
+def cache_aware_state(args, mode: str) -> str | None:
+    """How a cache-aware run keeps its state: "batched", "per-stream" or "pooled" (None for buffered)."""
+    if mode != "cache_aware":
+        return None
+    if getattr(args, "pooled", False):
+        return "pooled"
+    state = getattr(args, "state", "auto")
+    return "batched" if state == "auto" else state
+
+
+def reference_texts(model, mode, params: dict, audios) -> list[str]:
+    """Each audio streamed alone through the same mode (batched == alone, exactly). ``mode``: a name, or the mode
+    object of the timed run (its engine, front end and CUDA graphs: the references also warm them up)."""
     from ..streaming.session import stream_tokens
 
     toks = stream_tokens(model, audios, mode, **params)
@@ -234,7 +249,9 @@ def with_engine(model, mode: str, params: dict, engine: str) -> dict:
     cp = CacheAwareParams.for_encoder(model.cfg.encoder, att_context_size=params.get("att_context_size"),
                                       chunk_size=params.get("chunk_size"),
                                       allow_inexact=params.get("allow_inexact", False))
-    eng = TorchCudaEngine(model, "stream", prec, model.device, params=cp, output_dtype=model.dtype)
+    # batch buckets up to 2048: BatchedCacheAwareMode steps up to --max-batch streams at once
+    eng = TorchCudaEngine(model, "stream", prec, model.device, params=cp, output_dtype=model.dtype,
+                          batch_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
     return {"params": cp, "engine": eng}
 
 
@@ -264,12 +281,19 @@ def run_in_process(*args, **kwargs) -> dict:
         return _run_in_process(*args, **kwargs)
 
 
-def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float) -> dict:
+def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float, mode_obj=None) -> dict:
     from ..streaming.scheduler import SchedulerConfig, StreamScheduler
     from ..streaming.session import Recognizer
 
     audios = stream_audios(args, k)
-    if getattr(args, "pooled", False) and mode == "cache_aware":
+    state = cache_aware_state(args, mode)
+    if mode_obj is None and state == "batched":
+        from ..streaming.batched_cache_aware import BatchedCacheAwareMode
+
+        mode_obj = BatchedCacheAwareMode(model, capacity=k, **params)
+    if mode_obj is not None:  # run_load shares it with the reference pass (warm CUDA graphs)
+        rec = Recognizer(model, mode_obj)
+    elif state == "pooled":
         from ..streaming.scheduler import pooled_cache_aware_mode
 
         rec = Recognizer(model, pooled_cache_aware_mode(model, capacity=k, **params))
@@ -348,7 +372,7 @@ def start_server(args, mode: str, params: dict, max_sessions: int, wait: bool = 
     """Our own server process on 127.0.0.1 (the app of ``trt-asr serve`` with these mode params)."""
     port = _free_port()
     spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "mode": mode, "params": params,
-            "engine": getattr(args, "engine", "torch"),
+            "engine": getattr(args, "engine", "torch"), "state": cache_aware_state(args, mode) or "auto",
             "port": port, "max_sessions": max_sessions, "batching": args.server_batching,
             "max_batch": args.max_batch}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"trt_asr_bench_server_{port}.log", "w")
@@ -396,10 +420,14 @@ def _serve_main() -> None:
     if spec["batching"] != "lock":
         from ..streaming.scheduler import CaptionSchedulerPool, SchedulerConfig
 
+        state = {"per-stream": "per-stream", "pooled": "per-stream"}.get(spec.get("state"), "auto")
         svc._shared = CaptionSchedulerPool(model, spec["mode"], SchedulerConfig(
             max_streams=spec["max_sessions"] + 2, max_batch=spec["max_batch"], idle_timeout=None,
-            sample_rate=model.cfg.sample_rate), **with_engine(model, spec["mode"], spec["params"],
-                                                              spec.get("engine", "torch")))
+            sample_rate=model.cfg.sample_rate), state=state, **with_engine(model, spec["mode"], spec["params"],
+                                                                           spec.get("engine", "torch")))
+        mode = svc._shared.recognizer.mode
+        if hasattr(mode, "warmup") and model.device.type == "cuda":  # CUDA graphs of every bucket before traffic
+            mode.warmup(min(spec["max_batch"], spec["max_sessions"]))
     svc.warmup()
     app = create_app(svc, None, Limits(max_sessions=spec["max_sessions"]))
     uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning", ws_max_size=4 * MAX_FRAME_BYTES,
@@ -509,6 +537,7 @@ def run_load(args) -> int:
     budget_s = (args.latency_budget_ms / 1000) if args.latency_budget_ms else chunk_s
     need_model = args.in_process or not args.url or not args.no_check
     model = None
+    mode_obj = None
     proc = None
     url = args.url
     server_log = None
@@ -523,6 +552,19 @@ def run_load(args) -> int:
             _streamable_features(model, mode)
             if args.engine != "torch":  # one engine (its CUDA graphs) for the references and the timed runs
                 params = with_engine(model, mode, params, args.engine)
+            if cache_aware_state(args, mode) == "batched":
+                # one mode object for the references and every timed run: warm CUDA graphs, and the references
+                # are the same mode's (GPU mel) transcripts of each stream
+                from ..streaming.batched_cache_aware import BatchedCacheAwareMode
+
+                # in-process: every slot up front (growing the pool mid-run copies all caches); server runs use
+                # it only for the references
+                mode_obj = BatchedCacheAwareMode(model, capacity=max(ks) if args.in_process else 64, **params)
+                if model.device.type == "cuda":  # CUDA graphs and lazy kernels of every bucket, before timing
+                    t_warm = time.monotonic()
+                    mode_obj.warmup(min(args.max_batch, max(ks)))
+                    print(f"batched cache-aware mode warmed up in {time.monotonic() - t_warm:.1f} s",
+                          file=sys.stderr, flush=True)
         if proc is not None:
             _wait_healthy(proc, url, server_log)
         for k in ks:
@@ -530,9 +572,9 @@ def run_load(args) -> int:
             refs = None
             if model is not None and not args.no_check:
                 # before the timed run: also warms up the kernels of every batch size up to min(k, 64)
-                refs = reference_texts(model, mode, params, stream_audios(args, k))
+                refs = reference_texts(model, mode_obj or mode, {} if mode_obj else params, stream_audios(args, k))
             if args.in_process:
-                r = run_in_process(model, args, k, mode, params, chunk_s)
+                r = run_in_process(model, args, k, mode, params, chunk_s, mode_obj=mode_obj)
             else:
                 r = run_server(args, url, k, chunk_s)
             dup = lost_words = 0
@@ -594,6 +636,7 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "path": "in-process" if args.in_process else ("server:" + (args.url or "own 127.0.0.1 server")
                                                       + f" (batching: {args.server_batching})"),
         "mode": mode, "mode_params": _jsonable_params(params), "engine": getattr(args, "engine", "torch"),
+        "state": cache_aware_state(args, mode),
         "model": args.model or "default", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
         "features_normalize": (None if model is None else model.cfg.preprocessor.normalize),

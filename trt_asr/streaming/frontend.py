@@ -110,3 +110,46 @@ def offline_log_mel(featurizer: MelFrontEnd, audio_n: torch.Tensor) -> torch.Ten
     n = audio_n.numel()
     mel = featurizer.log_mel(audio_n[None].float(), torch.tensor([n]))[0]
     return mel[:, : n // featurizer.hop]
+
+
+class BatchedLogMel:
+    """``StreamingFrontEnd``'s frames for many streams at once, on any device: each row holds the raw samples of
+    ``n`` consecutive frames plus ONE sample before them (pre-emphasis needs it) and says how many of its
+    pre-emphasised samples are real (the rest are zeros, as the offline STFT's right padding).
+
+        lm = BatchedLogMel(model.preprocessor.featurizer, device)
+        x = ...  # [B, lm.samples(n)]: absolute samples [j0*hop - n_fft/2 - 1, ...) of frames j0 .. j0+n-1
+        mel = lm(x, y_valid)  # [B, F, n]; y_valid [B]: pre-emphasised samples x[:, 1:] that exist
+
+    Same float32 ops as ``StreamingFrontEnd._log_mel`` (pre-emphasis, STFT with center=False on the padded samples,
+    magnitude, mel matmul, log guard), so frames agree within FFT rounding (tests/test_batched_cache_aware.py)."""
+
+    def __init__(self, featurizer: MelFrontEnd, device="cpu"):
+        if featurizer.stft_pad is not None:
+            raise ValueError("exact_pad=True front ends are not supported for streaming")
+        self.cfg = featurizer.cfg
+        self.hop, self.n_fft, self.win = featurizer.hop, featurizer.n_fft, featurizer.win
+        self.window = featurizer.window.detach().float().to(device)
+        self.fb = featurizer.fb.detach().float().to(device)  # [1, F, n_fft // 2 + 1]
+
+    def samples(self, n_frames: int) -> int:
+        """Row width for ``n_frames`` frames: their STFT span plus the pre-emphasis history sample."""
+        return (n_frames - 1) * self.hop + self.n_fft + 1
+
+    def __call__(self, x_bw: torch.Tensor, y_valid_b: torch.Tensor) -> torch.Tensor:
+        p = self.cfg.preemph
+        y = x_bw[:, 1:] if p is None else x_bw[:, 1:] - p * x_bw[:, :-1]
+        # samples at / past the end of a stream are zero after pre-emphasis (the offline front end masks them)
+        y = y.masked_fill(torch.arange(y.shape[1], device=y.device)[None, :] >= y_valid_b[:, None], 0.0)
+        spec = torch.stft(y, self.n_fft, hop_length=self.hop, win_length=self.win, window=self.window,
+                          center=False, return_complex=True)
+        # the same float32 ops as view_as_real(spec).pow(2).sum(-1).sqrt().pow(2), without strided reductions
+        power = (spec.real.square() + spec.imag.square()).sqrt()
+        if self.cfg.mag_power == 2.0:
+            power = power.square()
+        elif self.cfg.mag_power != 1.0:
+            power = power.pow(self.cfg.mag_power)
+        mel = torch.matmul(self.fb, power)
+        if self.cfg.log:
+            mel = torch.log(mel + self.cfg.log_zero_guard_value)
+        return mel

@@ -164,24 +164,41 @@ class SlotPool:
     on valid data) and are never scattered back."""
 
     def __init__(self, capacity: int, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device="cpu",
-                 buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128), init: dict[str, torch.Tensor] | None = None):
+                 buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128), init: dict[str, torch.Tensor] | None = None,
+                 growable: bool = False):
         self.capacity = capacity
         self.device = torch.device(device)
-        self.buckets = tuple(sorted(b for b in buckets if b <= max(capacity, 1))) or (capacity,)
+        self.growable = growable  # acquire() past capacity doubles it instead of raising
+        self.buckets = tuple(sorted(buckets)) if growable else (
+            tuple(sorted(b for b in buckets if b <= max(capacity, 1))) or (capacity,))
         self.state = {k: torch.zeros((capacity, *shape), dtype=dt, device=self.device)
                       for k, (shape, dt) in specs.items()}
         self.init = {k: (v.to(self.device) if v is not None else None) for k, v in (init or {}).items()}
-        self._batch = {b: {k: torch.empty((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
-                           for k, t in self.state.items()} for b in self.buckets}
-        self._index = {b: torch.zeros(b, dtype=torch.long, device=self.device) for b in self.buckets}
+        # bucket buffers are made on first use: a large bucket of big caches is only paid for when a step needs it
+        self._batch: dict[int, dict[str, torch.Tensor]] = {}
+        self._index: dict[int, torch.Tensor] = {}
         self._free = list(range(capacity - 1, -1, -1))
 
     def acquire(self) -> int:
         if not self._free:
-            raise AdmissionError(f"all {self.capacity} slots are in use")
+            if not self.growable:
+                raise AdmissionError(f"all {self.capacity} slots are in use")
+            self.grow(2 * max(self.capacity, 1))
         slot = self._free.pop()
         self.reset(slot)
         return slot
+
+    def grow(self, capacity: int) -> None:
+        """More slots (existing slots keep their index and state)."""
+        old = self.capacity
+        if capacity <= old:
+            return
+        for k, t in self.state.items():
+            bigger = torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=self.device)
+            bigger[:old].copy_(t)
+            self.state[k] = bigger
+        self._free = list(range(capacity - 1, old - 1, -1)) + self._free
+        self.capacity = capacity
 
     def release(self, slot: int) -> None:
         self._free.append(slot)
@@ -200,18 +217,23 @@ class SlotPool:
     def _index_for(self, slots: Sequence[int]) -> tuple[int, torch.Tensor]:
         n = len(slots)
         b = bucket_for(n, self.buckets)
-        if b not in self._index:  # above the largest bucket: allocate (rare; bounded by capacity)
+        if b not in self._index:  # first use of this bucket (above the largest: n itself; bounded by capacity)
             self._index[b] = torch.zeros(b, dtype=torch.long, device=self.device)
-            self._batch[b] = {k: torch.empty((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
-                              for k, t in self.state.items()}
         idx = self._index[b]
         host = list(slots) + [slots[0]] * (b - n)
         idx.copy_(torch.tensor(host, dtype=torch.long), non_blocking=True)
         return b, idx
 
+    def _buffers(self, b: int) -> dict[str, torch.Tensor]:
+        out = self._batch.get(b)
+        if out is None:
+            out = self._batch[b] = {k: torch.empty((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
+                                    for k, t in self.state.items()}
+        return out
+
     def gather(self, slots: Sequence[int]) -> dict[str, torch.Tensor]:
         b, idx = self._index_for(slots)
-        out = self._batch[b]
+        out = self._buffers(b)
         for k, t in self.state.items():
             torch.index_select(t, 0, idx, out=out[k])
         return out
@@ -422,10 +444,11 @@ class ScheduledStream:
     def _pop_piece(self) -> np.ndarray | None:
         if not self._inbox:
             return None
+        full = not self.has_room()
         p = self._inbox.popleft()
         self._last_arrival = self._inbox_t.popleft()
         self._inbox_samples -= p.size
-        if self.has_room():
+        if full and self.has_room():  # only a full inbox has pushers waiting for room
             self._cond.notify_all()
             self._signal_async(space=True)
         return p
@@ -496,6 +519,7 @@ class StreamScheduler:
         self._piece_samples = max(1, int(c.piece_seconds * c.sample_rate))
         self.stats = SchedulerStats(c.latency_window)
         self.on_step = on_step
+        self._push_numpy = bool(getattr(self.mode, "accepts_numpy", False))  # skip a tensor round trip per piece
         try:
             self._mode_pads = "pad_to" in inspect.signature(self.mode.step).parameters
         except (TypeError, ValueError):
@@ -634,7 +658,7 @@ class StreamScheduler:
                         self._end_with(st, "stream_too_long",
                                        f"stream longer than the limit of {c.max_stream_seconds:g} s; ended")
                         break
-                    self.mode.push(state, torch.from_numpy(piece))
+                    self.mode.push(state, piece if self._push_numpy else torch.from_numpy(piece))
                 if not st._ended and c.idle_timeout is not None and now - st.last_audio_at > c.idle_timeout:
                     self._end_with(st, "idle_timeout", f"no audio for {c.idle_timeout:g} s; stream ended")
                 if self.mode.ready(state) and not st.finished:
@@ -858,13 +882,22 @@ class CaptionSchedulerPool:
         svc._shared = CaptionSchedulerPool(model, "buffered", **params)   # until CaptionService takes it directly
     """
 
-    def __init__(self, model, mode: str = "buffered", config: SchedulerConfig | None = None, **params):
+    def __init__(self, model, mode: str = "buffered", config: SchedulerConfig | None = None, state: str = "auto",
+                 **params):
+        """``state`` (cache-aware): "batched" (``BatchedCacheAwareMode``: the whole step on the device), "per-stream"
+        (``CacheAwareMode``) or "auto" (batched when the model's features are unnormalised, as it needs)."""
         from .session import Recognizer
 
         self.model = model
         self.mode_name = mode
         self.params = params
-        self.recognizer = Recognizer(model, mode.replace("-", "_"), **params)
+        if mode.replace("-", "_") == "cache_aware" and (
+                state == "batched" or (state == "auto" and not model.cfg.preprocessor.normalize)):
+            from .batched_cache_aware import BatchedCacheAwareMode
+
+            self.recognizer = Recognizer(model, BatchedCacheAwareMode(model, **params))
+        else:
+            self.recognizer = Recognizer(model, mode.replace("-", "_"), **params)
         # admission is the server's (--max-sessions); the scheduler's own bound only guards memory
         cfg = config or SchedulerConfig(sample_rate=self.recognizer.mode.sample_rate, idle_timeout=None,
                                         max_streams=1024)

@@ -1,0 +1,303 @@
+"""BatchedCacheAwareMode (the whole step batched on the device) against independent truth: its engine inputs equal
+the streaming front end's frames (CacheAwareMode's chunks), and every stream's tokens equal CacheAwareMode alone and
+the offline forward with the chunked-limited mask -- through the real StreamScheduler with random push sizes, mixed
+first/later/last chunks in one batch and streams opening and closing mid-run; slot reuse leaks no state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trt_asr.checkpoint import load_model
+from trt_asr.engines.torch_engine import TorchEncoderEngine
+from trt_asr.streaming.batched_cache_aware import BatchedCacheAwareMode
+from trt_asr.streaming.cache_aware import CacheAwareMode, CacheAwareParams, offline_equivalent
+from trt_asr.streaming.frontend import BatchedLogMel, StreamingFrontEnd
+from trt_asr.streaming.scheduler import ErrorEvent, SchedulerConfig, StreamScheduler
+from trt_asr.streaming.session import Recognizer, stream_tokens
+
+DEMO_TEST = Path(__file__).parent / "data" / "demo_test"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m = load_model("random:tiny-cache-aware")
+    m.cfg.preprocessor.normalize = None  # cache-aware models use unnormalised features (NeMo)
+    return m
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from tests.demo_assets import demo_nemo
+
+    m = load_model(demo_nemo("demo-tdt-cache-aware"))
+    assert not m.cfg.preprocessor.normalize
+    return m
+
+
+def _speech(n: int) -> list[np.ndarray]:
+    from trt_asr.cli.eval import load_audio
+
+    return [load_audio(str(p), 16000) for p in sorted(DEMO_TEST.glob("*.flac"))[:n]]
+
+
+def _offline_tokens(model, audio: np.ndarray, params: CacheAwareParams) -> list[tuple]:
+    """One whole utterance through the encoder with the stream's chunked-limited mask, decoded in one go."""
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
+        feats, flen = model.features(x, torch.tensor([x.shape[1]]))
+        toks, _ = model.greedy_decoder()(*offline_equivalent(model, feats, flen, params))
+    return [tuple(t) for t in toks.to_lists()[0]]
+
+
+def _tuples(tokens) -> list[tuple]:
+    return [(t.id, t.frame, t.duration) for t in tokens]
+
+
+def _pieces(rng, n: int) -> list[tuple[int, int]]:
+    pos, out = 0, []
+    while pos < n:
+        step = int(rng.integers(1, 9000)) if rng.random() < 0.9 else int(rng.integers(1, 60))
+        out.append((pos, min(pos + step, n)))
+        pos += step
+    return out
+
+
+def _through_scheduler(model, mode, audios, rng, max_batch=3, open_every=2):
+    """Streams open staggered (a new one every ``open_every`` rounds) and close when done, each fed in its own
+    random piece sizes, stepped now and then: batches mix first, later and last chunks of different streams."""
+    sched = StreamScheduler(Recognizer(model, mode), SchedulerConfig(max_streams=len(audios), max_batch=max_batch,
+                                                                      idle_timeout=None))
+    cuts = [_pieces(rng, a.size) for a in audios]
+    streams: list = [None] * len(audios)
+    events: list = [[] for _ in audios]
+    turn = 0
+    while any(cuts) or any(s is None for s in streams):
+        if turn % open_every == 0 and None in streams:
+            streams[streams.index(None)] = sched.open()
+        for i, (st, a, p) in enumerate(zip(streams, audios, cuts)):
+            if st is not None and p:
+                lo, hi = p.pop(0)
+                st.push(a[lo:hi])
+                if not p:
+                    st.end()
+            if st is not None and not p and a.size == 0:
+                st.end()
+        turn += 1
+        if turn % 2:
+            sched.step()
+        for i, st in enumerate(streams):
+            if st is not None:
+                events[i] += st.poll()
+    sched.run_until_idle()
+    for i, st in enumerate(streams):
+        events[i] += st.poll()
+        assert events[i] and events[i][-1].final, i
+        assert not any(isinstance(e, ErrorEvent) for e in events[i]), events[i]
+    assert max(sched.stats.batch_sizes) > 1 and sched.open_streams == 0
+    return [[(t.id, t.frame, t.duration) for ev in evs for t in ev.committed] for evs in events]
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+@pytest.mark.parametrize("att", [None, (16, 0)])
+def test_tiny_tokens_equal_alone_and_offline(tiny, att):
+    """Random tiny cache-aware model: every stream's (label, frame, duration) == CacheAwareMode alone == the
+    offline forward. (16, 0): the first chunk (1 mel frame) is shorter than the pre-encode cache (9 frames)."""
+    kw = {} if att is None else {"att_context_size": att}
+    params = CacheAwareParams.for_encoder(tiny.cfg.encoder, **kw)
+    rng = np.random.default_rng(7)
+    lengths = [16000 * 3, 16000 * 2 + 777, 9000, 400, 16000 * 3 + 3333, 20000, 0, 161, 5555]
+    audios = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in lengths]
+    offline = [_offline_tokens(tiny, a, params) if a.size else [] for a in audios]
+    alone = [_tuples(stream_tokens(tiny, [a], "cache_aware", piece_secs=0.1, **kw)[0]) for a in audios]
+    assert alone == offline and sum(map(len, offline)) > 0
+    mode = BatchedCacheAwareMode(tiny, capacity=2, **kw)  # the pool grows past 2 streams
+    got = _through_scheduler(tiny, mode, audios, rng)
+    assert got == offline
+    assert mode.pool.in_use == 0  # finished streams gave their slots back
+
+
+def test_demo_model_real_speech_equals_alone_and_offline(demo):
+    """The shipped cache-aware demo model on real speech, at its default context and at [70, 1] (80 ms chunks)."""
+    audios = _speech(4)
+    for att in (None, (70, 1)):
+        kw = {} if att is None else {"att_context_size": att}
+        params = CacheAwareParams.for_encoder(demo.cfg.encoder, **kw)
+        offline = [_offline_tokens(demo, a, params) for a in audios]
+        alone = [_tuples(stream_tokens(demo, [a], "cache_aware", piece_secs=0.25, **kw)[0]) for a in audios]
+        assert alone == offline and all(offline), att
+        got = _through_scheduler(demo, BatchedCacheAwareMode(demo, **kw), audios, np.random.default_rng(3),
+                                 max_batch=4)
+        assert got == offline, att
+        text = demo.tokenizer.decode([t[0] for t in got[0]])
+        assert len(text.split()) >= 3, text
+
+
+def test_decode_block_does_not_change_tokens(tiny):
+    """A decode block too short for the chunk takes the second (bounded) pass: same tokens."""
+    rng = np.random.default_rng(11)
+    audios = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (20000, 13000, 7000)]
+    want = [_tuples(t) for t in stream_tokens(tiny, audios, "cache_aware")]
+    for block in (1, 3, 1000):
+        got = [_tuples(t) for t in stream_tokens(tiny, audios, BatchedCacheAwareMode(tiny, decode_block=block))]
+        assert got == want, block
+
+
+# ----------------------------------------------------------------------------------------------- features
+class _Recording:
+    """An engine that records each step's audio_signal / length (one stream per step here)."""
+
+    def __init__(self, model):
+        self.inner = TorchEncoderEngine(model, mode="stream")
+        self.name, self.mode, self.precision, self.device = "rec", "stream", "fp32", self.inner.device
+        self.steps = []
+
+    def step(self, inputs):
+        self.steps.append((inputs["audio_signal"][0].float().clone(), int(inputs["length"][0])))
+        return self.inner.step(inputs)
+
+
+@pytest.mark.parametrize("n", [0, 100, 400, 16000 + 37, 16000 * 2 + 5])
+def test_engine_inputs_equal_streaming_front_end(tiny, n):
+    """The batched mel + pre-encode cache the engine sees == CacheAwareMode's chunks from StreamingFrontEnd, chunk
+    for chunk (first chunk, later chunks, the zero-padded last chunk), max abs diff < 1e-4, same lengths."""
+    rng = np.random.default_rng(n)
+    a = (rng.standard_normal(n) * 0.3).astype(np.float32)
+    cuts = _pieces(rng, n)
+    runs = []
+    for cls in (CacheAwareMode, BatchedCacheAwareMode):
+        eng = _Recording(tiny)
+        rec = Recognizer(tiny, cls(tiny, engine=eng))
+        s = rec.open()
+        for lo, hi in cuts:
+            s.feed(a[lo:hi])
+        s.finish()
+        runs.append(eng.steps)
+    ref, got = runs
+    assert len(ref) == len(got) >= 1
+    for (x_ref, len_ref), (x_got, len_got) in zip(ref, got):
+        assert x_ref.shape == x_got.shape and len_ref == len_got
+        assert float((x_ref - x_got).abs().max()) < 1e-4
+
+
+def test_batched_log_mel_equals_streaming_front_end(tiny):
+    """BatchedLogMel on rows cut at arbitrary frames (incl. frame 0 and the end of the stream) == the frames
+    StreamingFrontEnd emits for the whole stream."""
+    fe = tiny.preprocessor.featurizer
+    lm = BatchedLogMel(fe)
+    hop, half = fe.hop, fe.n_fft // 2
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(16000 + 123) * 0.2).astype(np.float32)
+    sfe = StreamingFrontEnd(fe)
+    want = torch.cat([sfe.push(torch.from_numpy(x[:7000])), sfe.push(torch.from_numpy(x[7000:])), sfe.finish()], 1)
+    total = want.shape[1]
+    assert total == x.size // hop
+    n = 9
+    starts = [0, 1, 17, total - n, total - 3]  # the last rows run past the end (frames >= total are not compared)
+    rows = np.zeros((len(starts), lm.samples(n)), np.float32)
+    valid = []
+    for r, j0 in enumerate(starts):
+        a0 = j0 * hop - half - 1
+        lo, hi = max(a0, 0), min(a0 + rows.shape[1], x.size)
+        rows[r, lo - a0:hi - a0] = x[lo:hi]
+        valid.append(x.size - a0 - 1)
+    mel = lm(torch.from_numpy(rows), torch.tensor(valid))
+    for r, j0 in enumerate(starts):
+        k = min(n, total - j0)
+        assert float((mel[r, :, :k] - want[:, j0:j0 + k]).abs().max()) < 1e-4, j0
+
+
+# ----------------------------------------------------------------------------------------------- slots
+def test_slot_reuse_does_not_leak_state(tiny):
+    """A stream that gets the slot of a released one (mid-stream close and a finished one) decodes exactly as a
+    fresh stream: caches, pre-encode frames and decoder state are reset on acquire."""
+    rng = np.random.default_rng(4)
+    a, b = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (24000, 17000)]
+    want = _tuples(stream_tokens(tiny, [b], "cache_aware")[0])
+    mode = BatchedCacheAwareMode(tiny, capacity=1)
+    rec = Recognizer(tiny, mode)
+    s1 = rec.open()
+    s1.feed(a[:12000])  # mid-stream: its slot holds non-trivial caches and decoder state
+    slot = s1.state.slot
+    mode.release(s1.state)
+    s1.close()
+    s2 = rec.open()
+    assert s2.state.slot == slot and mode.pool.capacity == 1
+    s2.feed(b)
+    s2.finish()
+    assert _tuples(s2.tokens) == want
+    s3 = rec.open()  # and after a finished stream
+    assert s3.state.slot == slot
+    s3.feed(b)
+    s3.finish()
+    assert _tuples(s3.tokens) == want
+
+
+def test_refuses_normalised_features():
+    m = load_model("random:tiny-cache-aware")
+    m.cfg.preprocessor.normalize = "per_feature"
+    with pytest.raises(ValueError, match="unnormalised"):
+        BatchedCacheAwareMode(m)
+
+
+# ----------------------------------------------------------------------------------------------- wiring
+def test_load_tool_batched_state_with_torch_cuda_engine_equals_reference():
+    """`bench load --mode cache-aware --state batched --engine torch-cuda` (CPU here: the same bucketed code,
+    eager) gives every stream the transcript CacheAwareMode with the fp32 reference engine gives it."""
+    import argparse
+
+    from trt_asr.cli import bench
+
+    p = argparse.ArgumentParser()
+    bench.register(p.add_subparsers(dest="cmd"))
+    args = p.parse_args(["bench", "load", "--streams", "3", "--duration", "2", "--model", "random:tiny-cache-aware",
+                         "--in-process", "--engine", "torch-cuda", "--drain-timeout", "20", "--mode", "cache-aware",
+                         "--chunk-ms", "160", "--left-frames", "16", "--state", "batched"])
+    model = load_model("random:tiny-cache-aware")
+    mode, params, chunk_s = bench.mode_params(args)
+    bench._streamable_features(model, mode)
+    assert bench.cache_aware_state(args, mode) == "batched"
+    want = bench.reference_texts(model, mode, params, bench.stream_audios(args, 3))
+    got = bench.run_in_process(model, args, 3, mode, bench.with_engine(model, mode, params, "torch-cuda"), chunk_s)
+    assert not got["errors"] and got["lost_audio_seconds"] == 0
+    assert got["texts"] == want and any(want)
+
+
+def test_warmup_leaves_no_streams(tiny):
+    mode = BatchedCacheAwareMode(tiny, capacity=4)
+    mode.warmup(4, seconds=0.3)
+    assert mode.pool.in_use == 0 and {k[0] for k in mode._loops} == {1, 2, 4}
+
+
+def test_caption_pool_uses_batched_mode_when_features_are_unnormalised(tiny):
+    from trt_asr.streaming.cache_aware import CacheAwareMode as Plain
+    from trt_asr.streaming.scheduler import CaptionSchedulerPool
+
+    pool = CaptionSchedulerPool(tiny, "cache-aware")
+    try:
+        assert isinstance(pool.recognizer.mode, BatchedCacheAwareMode)
+    finally:
+        pool.stop(drain=False)
+    pool = CaptionSchedulerPool(tiny, "cache-aware", state="per-stream")
+    try:
+        assert isinstance(pool.recognizer.mode, Plain)
+    finally:
+        pool.stop(drain=False)
+
+
+def test_engine_cache_io_variant(tiny):
+    """An engine with ``cache_io()`` (the projected-K/V cache variant) gets its own caches pooled: same tokens."""
+    params = CacheAwareParams.for_encoder(tiny.cfg.encoder)
+    try:
+        eng = TorchEncoderEngine(tiny, "stream", params, kv_cache="projected")
+    except TypeError:
+        pytest.skip("this checkout's TorchEncoderEngine has no kv_cache variants")
+    rng = np.random.default_rng(5)
+    audios = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (16000, 23456, 7000)]
+    want = [_tuples(t) for t in stream_tokens(tiny, audios, "cache_aware")]
+    mode = BatchedCacheAwareMode(tiny, params=params, engine=eng)
+    assert [name for name, *_ in mode.cache_io][:2] == ["cache_last_channel_k", "cache_last_channel_v"]
+    assert [_tuples(t) for t in stream_tokens(tiny, audios, mode, piece_secs=0.3)] == want

@@ -1,0 +1,488 @@
+"""Cache-aware streaming for many streams per GPU: the whole step runs batched on the device, the host only slices PCM.
+
+``CacheAwareMode`` does per-stream Python on every step (a CPU mel front end per stream, chunk assembly, ``torch.cat``
+of caches, decoder-state stack/select, a host read of every stream's encoded length, a greedy loop that syncs per
+symbol step); at 160 ms chunks that host work, not the GPU, bounds the streams per GPU. ``BatchedCacheAwareMode``
+gives the same tokens with this per step, for all B streams of the batch at once:
+
+    host    for each stream: which mel frames it steps (ints), its samples for them -> one row of a pinned array
+    H2D     one copy: [B, W + 2] float32 (W samples per row; + the row's valid-sample and real-frame counts)
+    device  log-mel of all B chunks (``BatchedLogMel``: the featurizer's math), pre-encode cache from the pool,
+            engine step per chunk kind (first chunks have another shape), greedy TDT for the whole batch as a
+            bounded, masked loop (no host sync per symbol; a CUDA graph per bucket on CUDA), new state scattered
+            back into the ``SlotPool``
+    D2H     one copy: [B, 2 + 3 * cap] int32 (token count, still-active flag, labels, frames, durations); a second
+            one only in the rare step where the first decode block did not finish every stream
+    host    encoded lengths from the formula (``CacheAwareParams.encoder_frames``), tokens -> ``StepResult``
+
+Per-stream host state is a float32 numpy buffer of PCM not yet consumed and a few ints; the pre-encode mel cache,
+the encoder caches and the decoder state (LSTM h/c, projected prediction output, last label, TDT time jump) live in
+a ``SlotPool`` row on the device (``state.slot``). Streams at different chunk indices share a step (grouped by
+chunk kind only). Features are unnormalised (as NeMo's cache-aware models): a model with per-feature normalisation
+is refused (use ``CacheAwareMode``, which normalises over the audio so far).
+
+Isolation (the scheduler's retry): nothing of a stream changes until the whole step has succeeded -- device state
+is scattered and host state advanced only after the tokens are back.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import numpy as np
+import torch
+
+from .cache_aware import CacheAwareParams, initial_caches
+from .frontend import BatchedLogMel
+from .scheduler import SlotPool, bucket_for
+from .session import StepResult, Token
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+class BatchedStreamState:
+    """One stream's host state: PCM from absolute sample ``pcm_start`` on (what later chunks still need) and
+    counters. Its device state is row ``slot`` of the mode's pool. Fields are replaced, never mutated in place
+    (the scheduler restores a snapshot of ``__dict__`` when a step fails)."""
+
+    def __init__(self, slot: int):
+        self.slot = slot
+        self.pcm = _EMPTY
+        self.pcm_start = 0
+        self.received = 0       # samples pushed
+        self.ended = False
+        self.finished = False
+        self.mel_done = 0       # mel frames stepped
+        self.chunks_done = 0
+        self.frames_done = 0    # encoder frames emitted (absolute token frames)
+
+
+class _GreedyLoop:
+    """Static buffers of the batched greedy TDT/RNNT loop for one (batch bucket, encoder frames) shape.
+
+    ``run(n)`` does n uniform steps of ``GreedyTransducerDecoder`` (the same arithmetic, so the same tokens) on
+    the carried state, then packs [count, active, labels, frames, durations] per row into ``packed`` for one D2H
+    copy. On CUDA each n is one CUDA graph. Steps past a row's end are no-ops (masked), so a fixed n is exact."""
+
+    def __init__(self, model, batch: int, frames: int, device, use_graph: bool, graph_pool=None):
+        d = model.cfg.decoding
+        self.prednet, self.joint = model.decoder, model.joint
+        self.blank = self.prednet.blank_id
+        self.tdt = d.model_type == "tdt"
+        self.max_symbols = d.max_symbols
+        self.B, self.T = batch, frames
+        # per frame at most max_symbols steps (then a blank, a duration or the forced advance moves t on): the loop
+        # is done after T * max_symbols steps whatever the labels, and emits fewer than cap tokens
+        self.bound = frames * self.max_symbols
+        self.cap = self.bound + 1
+        dt = model.dtype
+        J = self.joint.enc.out_features
+        H, Lr = self.prednet.cfg.pred_hidden, self.prednet.cfg.pred_rnn_layers
+
+        def z(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        self.f, self.lengths, self.t, self.active = z(batch, frames, J, dtype=dt), z(batch), z(batch), z(batch)
+        self.h, self.c, self.g = z(Lr, batch, H, dtype=dt), z(Lr, batch, H, dtype=dt), z(batch, J, dtype=dt)
+        self.last_label, self.counts = z(batch), z(batch)
+        self.labels, self.frames, self.durs = z(batch, self.cap), z(batch, self.cap), z(batch, self.cap)
+        self.last_emit_frame, self.emits_at_frame = z(batch), z(batch)
+        self.packed = z(batch, 2 + 3 * self.cap, dtype=torch.int32)
+        self.batch_idx = torch.arange(batch, device=device)
+        self.dur_table = torch.tensor(list(d.durations) if self.tdt else [0], dtype=torch.long, device=device)
+        self.use_graph, self.graph_pool = use_graph, graph_pool
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def load(self, f_btj: torch.Tensor, lengths: torch.Tensor, n: int, state: dict) -> None:
+        """A chunk's projected encoder frames and the gathered decoder state; rows >= n are padding (inactive)."""
+        b, t = f_btj.shape[:2]
+        self.f[:, :t].copy_(f_btj)
+        self.f[:, t:].zero_()
+        self.lengths.copy_(lengths)
+        self.lengths[n:].zero_()
+        self.h.copy_(state["h"].transpose(0, 1))
+        self.c.copy_(state["c"].transpose(0, 1))
+        self.g.copy_(state["pred_out"])
+        self.last_label.copy_(state["last_label"])
+        self.t.copy_(state["time_jump"])
+        self.active.copy_(self.t < self.lengths)
+        self.counts.zero_()
+        self.last_emit_frame.fill_(-1)
+        self.emits_at_frame.zero_()
+
+    def next_state(self) -> dict:
+        return {"h": self.h.transpose(0, 1), "c": self.c.transpose(0, 1), "pred_out": self.g,
+                "last_label": self.last_label, "time_jump": self.t - self.lengths}
+
+    def _steps(self, n: int, until_done: bool = False) -> None:
+        batch, t, h, c, g = self.batch_idx, self.t, self.h, self.c, self.g
+        last_frame = (self.lengths - 1).clamp(min=0)
+        num_tokens = 1 + self.blank
+        for _ in range(n):
+            if until_done and not bool(self.active.any()):  # CPU: looking is free, so stop when all are done
+                break
+            active = self.active.bool()
+            logits = self.joint.joint_after_projection(self.f[batch, torch.minimum(t, last_frame)], g)
+            label = logits[:, :num_tokens].argmax(-1)
+            is_blank = label == self.blank
+            if self.tdt:
+                dur = self.dur_table[logits[:, num_tokens:].argmax(-1)]
+                dur = torch.where(is_blank & (dur == 0), 1, dur)
+            else:
+                dur = is_blank.long()
+            emit = active & ~is_blank
+            counts = self.counts
+            self.labels[batch, counts] = label  # slot `counts` is overwritten until something is emitted there
+            self.frames[batch, counts] = t
+            self.durs[batch, counts] = dur
+            counts.add_(emit)
+            same_frame = self.last_emit_frame == t
+            self.emits_at_frame.copy_(torch.where(emit, torch.where(same_frame, self.emits_at_frame + 1, 1),
+                                                  self.emits_at_frame))
+            self.last_emit_frame.copy_(torch.where(emit, t, self.last_emit_frame))
+            self.last_label.copy_(torch.where(emit, label, self.last_label))
+            out, (h_new, c_new) = self.prednet.step(torch.where(emit, label, self.blank), (h, c))
+            keep = emit[None, :, None]
+            h.copy_(torch.where(keep, h_new, h))
+            c.copy_(torch.where(keep, c_new, c))
+            g.copy_(torch.where(emit[:, None], self.joint.project_prednet(out), g))
+            t.add_(dur * active)
+            t.add_(emit & (self.emits_at_frame >= self.max_symbols) & (self.last_emit_frame == t))
+            self.active.copy_(t < self.lengths)
+        p, cap = self.packed, self.cap
+        p[:, 0].copy_(self.counts)
+        p[:, 1].copy_(self.active)
+        p[:, 2:2 + cap].copy_(self.labels)
+        p[:, 2 + cap:2 + 2 * cap].copy_(self.frames)
+        p[:, 2 + 2 * cap:].copy_(self.durs)
+
+    def run(self, n: int) -> None:
+        if n <= 0:
+            return
+        if not self.use_graph:
+            self._steps(n, until_done=self.f.device.type == "cpu")
+            return
+        graph = self._graphs.get(n)
+        if graph is None:  # capture on the current (loaded) buffers: warm-up on a side stream, then reload them
+            saved = {k: v.clone() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self._steps(n)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                self._steps(n)
+            for k, v in saved.items():
+                getattr(self, k).copy_(v)
+            self._graphs[n] = graph
+        graph.replay()
+
+
+class _Group:
+    """One chunk kind's part of a step (device tensors until the step commits)."""
+
+    def __init__(self, first: bool, streams: list):
+        self.first, self.streams = first, streams
+
+
+class BatchedCacheAwareMode:
+    """``StreamingMode`` "cache_aware" with the whole step batched on the model's device (module docstring).
+
+    ``engine``: any ``EncoderEngine`` in stream mode (default: the torch reference); ``params`` / ``allow_inexact``
+    / ``chunk_frames`` / ``att_context_size`` ... as ``CacheAwareMode``. ``capacity``: initial pool slots (the pool
+    doubles when full). ``buckets``: batch sizes the per-step buffers are rounded up to (the engine's own buckets
+    by default, so its CUDA graphs match). ``decode_block``: greedy steps before the host looks at the tokens (the
+    loop is exact whatever it is; a block that finishes every stream needs one D2H copy per step). ``use_graphs``:
+    CUDA graphs for the decode loop (default: on CUDA)."""
+
+    name = "cache_aware"
+    accepts_numpy = True  # push() takes float32 numpy pieces as they are (the scheduler's inbox holds numpy)
+
+    def __init__(self, model, *, engine=None, params: CacheAwareParams | None = None, allow_inexact: bool = False,
+                 chunk_frames: int | None = None, capacity: int = 64, buckets=None, decode_block: int | None = None,
+                 use_graphs: bool | None = None, **param_kwargs):
+        if model.cfg.preprocessor.normalize:
+            raise ValueError("BatchedCacheAwareMode needs unnormalised features (normalize: none, as NeMo's "
+                             "cache-aware models); per-feature normalisation is not streamable: use CacheAwareMode")
+        self.model = model
+        if chunk_frames is not None:
+            param_kwargs["chunk_size"] = chunk_frames
+        self.params = p = params or CacheAwareParams.for_encoder(model.cfg.encoder, allow_inexact=allow_inexact,
+                                                                 **param_kwargs)
+        if p.shift_size != p.chunk_size:
+            raise NotImplementedError("cache-aware sessions with overlapping chunks (shift < chunk)")
+        if engine is None:
+            from ..engines.torch_engine import TorchEncoderEngine
+            engine = TorchEncoderEngine(model, mode="stream", params=p)
+        self.engine = engine
+        self._engine_kw = {"clone": False} if "clone" in inspect.signature(engine.step).parameters else {}
+        self.device = model.device
+        self.sample_rate = model.cfg.sample_rate
+        self.frame_seconds = model.cfg.frame_seconds
+        fe = model.preprocessor.featurizer
+        self.mel = BatchedLogMel(fe, self.device)
+        self.hop, self.half = fe.hop, fe.n_fft // 2
+        self.pad_drop = p.pad_and_drop_preencoded
+        self.chunk = (p.chunk_size[0] if not self.pad_drop else p.chunk_size[1], p.chunk_size[1])  # (first, later)
+        self.pre = (p.pre_encode_cache_size[0] if not self.pad_drop else p.pre_encode_cache_size[1],
+                    p.pre_encode_cache_size[1])
+        self.width = self.mel.samples(max(self.chunk))  # samples per staging row
+        self.buckets = tuple(sorted(buckets or getattr(engine, "batch_buckets", None) or DEFAULT_BUCKETS))
+        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        self.decode_block = decode_block
+        self._enc_frames: dict[tuple[int, bool], int] = {}
+        self._loops: dict[tuple, _GreedyLoop] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._stage = None  # pinned [rows, width + 2] float32 staging array (and its numpy view)
+        self._tokens_host = None
+        self.cache_io = self._cache_io()
+        self.pool = self._make_pool(capacity)
+
+    # -------------------------------------------------------------- setup
+    def _cache_io(self) -> list[tuple[str, str, tuple, torch.dtype]]:
+        """(input name, output name, per-stream shape, dtype) of the engine's caches: ``engine.cache_io()`` when the
+        engine has one (e.g. a projected-K/V variant), else the contract's three caches."""
+        io = getattr(self.engine, "cache_io", None)
+        if callable(io):
+            try:
+                return [(i, o, tuple(shape), dt) for i, o, shape, dt in io()]
+            except ValueError:  # e.g. an engine built without streaming params: the contract's caches
+                pass
+        zero = initial_caches(self.params, 1, "cpu", self.model.dtype)
+        out = {"cache_last_channel": "cache_last_channel_next", "cache_last_time": "cache_last_time_next",
+               "cache_last_channel_len": "cache_last_channel_next_len"}
+        return [(k, out[k], tuple(v.shape[1:]), v.dtype) for k, v in zero.items()]
+
+    def _make_pool(self, capacity: int) -> SlotPool:
+        dec = self.model.greedy_decoder().initial_state(1, self.device, self.model.dtype)
+        h, c = dec.lstm
+        init = {"h": h[:, 0], "c": c[:, 0], "pred_out": dec.pred_out[0], "last_label": dec.last_label[0],
+                "time_jump": dec.time_jump[0]}
+        specs = {name: (shape, dt) for name, _, shape, dt in self.cache_io}
+        # the stream's last P mel frames (zeros before its start), fp32 as the front end's output
+        specs["pre_mel"] = ((self.params.feat_in, self.pre[1]), torch.float32)
+        specs.update({k: (tuple(v.shape), v.dtype) for k, v in init.items()})
+        return SlotPool(capacity, specs, self.device, self.buckets, init=init, growable=True)
+
+    @property
+    def latency_seconds(self) -> float:
+        return self.params.chunk_size[1] * self.hop / self.sample_rate
+
+    # -------------------------------------------------------------- StreamingMode
+    def new_stream(self) -> BatchedStreamState:
+        s = BatchedStreamState(self.pool.acquire())
+        s._free_slot = weakref.finalize(s, self.pool.release, s.slot)  # runs once: release(), finish or garbage
+        return s
+
+    def release(self, s: BatchedStreamState) -> None:
+        """The stream is gone (finished, closed, failed): its slot goes back to the pool."""
+        fin = getattr(s, "_free_slot", None)
+        if fin is not None:
+            fin()
+
+    def push(self, s: BatchedStreamState, pcm) -> None:
+        if isinstance(pcm, torch.Tensor):
+            pcm = pcm.detach()
+            if pcm.device.type != "cpu" or pcm.dtype != torch.float32:
+                pcm = pcm.to("cpu", torch.float32)
+            x = pcm.reshape(-1).numpy()
+        else:
+            x = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if x.size:
+            s.pcm = np.concatenate((s.pcm, x))
+            s.received += x.size
+
+    def end(self, s: BatchedStreamState) -> None:
+        s.ended = True
+
+    def _frames_available(self, s) -> int:
+        """Mel frames whose STFT window lies in the received audio (all N // hop once the stream ended), as
+        ``StreamingFrontEnd`` emits them."""
+        if s.ended:
+            return s.received // self.hop
+        return (s.received - self.half) // self.hop + 1 if s.received >= self.half else 0
+
+    def ready(self, s: BatchedStreamState) -> bool:
+        if s.finished:
+            return False
+        first = s.chunks_done == 0
+        return s.ended or self._frames_available(s) - s.mel_done >= self.chunk[0 if first else 1]
+
+    def encoder_frames(self, mel_frames: int, first: bool) -> int:
+        key = (mel_frames, first)
+        n = self._enc_frames.get(key)
+        if n is None:
+            n = self._enc_frames[key] = int(self.params.encoder_frames(mel_frames, first and not self.pad_drop))
+        return n
+
+    # -------------------------------------------------------------- one batched step
+    @torch.no_grad()
+    def step(self, streams) -> list[StepResult]:
+        n = len(streams)
+        # chunk kinds: first-chunk rows, then later-chunk rows (one engine call per kind)
+        first_idx = [i for i, s in enumerate(streams) if s.chunks_done == 0 and not self.pad_drop]
+        later_idx = [i for i, s in enumerate(streams) if not (s.chunks_done == 0 and not self.pad_drop)]
+        order = first_idx + later_idx
+        real = self._stage_rows([streams[i] for i in order], len(first_idx))
+        x = self._stage_t[:n]
+        if self.device.type != "cpu":
+            x = x.to(self.device, non_blocking=True)
+        w = self.width
+        mel = self.mel(x[:, :w], x[:, w].long())  # [n, F, max chunk]
+        real_dev = x[:, w + 1].long()
+        mel.masked_fill_(torch.arange(mel.shape[-1], device=mel.device)[None, None, :] >= real_dev[:, None, None], 0.)
+
+        groups = []
+        for first, idx, r0 in ((True, first_idx, 0), (False, later_idx, len(first_idx))):
+            if idx:
+                g = _Group(first, [streams[i] for i in idx])
+                self._run_group(g, mel[r0:r0 + len(idx)], real_dev[r0:r0 + len(idx)])
+                groups.append(g)
+        host = self._tokens_to_host(groups)
+        if host[:, 1].any():  # a decode block did not finish every stream: run the rest of the bound (rare)
+            for g in groups:
+                g.loop.run(g.loop.bound - g.block)
+            host = self._tokens_to_host(groups)
+
+        # commit: device state back into the pool, then the host state
+        for g in groups:
+            nxt = {name: g.out[out] for name, out, _, _ in self.cache_io}
+            nxt.update(g.loop.next_state(), pre_mel=g.pre_mel)
+            self.pool.scatter([s.slot for s in g.streams], nxt)
+        results: list = [None] * n
+        for i, r in zip(order, self._commit_host(groups, host, real)):
+            results[i] = r
+        return results
+
+    def _commit_host(self, groups, host: np.ndarray, real: list[int]) -> list[StepResult]:
+        """Tokens of each row (chunk-local frames + the stream's frame offset) and the streams' counters, in row
+        order. Encoded lengths come from the formula, never from the device."""
+        out, row, hop, half = [], 0, self.hop, self.half
+        for g in groups:
+            cap = g.loop.cap
+            pre = self.pre[0 if g.first else 1]
+            for s in g.streams:
+                cnt = int(host[row, 0])
+                if cnt:
+                    r, off = host[row], s.frames_done
+                    toks = [Token(lab, off + fr, d) for lab, fr, d in
+                            zip(r[2:2 + cnt].tolist(), r[2 + cap:2 + cap + cnt].tolist(),
+                                r[2 + 2 * cap:2 + 2 * cap + cnt].tolist())]
+                else:
+                    toks = []
+                k = real[row]
+                s.frames_done += self.encoder_frames(pre + k, g.first)
+                s.chunks_done += 1
+                s.mel_done += k
+                keep_from = s.mel_done * hop - half - 1  # the next chunk's first sample (and its history)
+                if keep_from > s.pcm_start:
+                    s.pcm = s.pcm[keep_from - s.pcm_start:]
+                    s.pcm_start = keep_from
+                s.finished = s.ended and s.mel_done >= s.received // hop
+                if s.finished:
+                    self.release(s)
+                out.append(StepResult(committed=toks, tentative=[], finished=s.finished))
+                row += 1
+        return out
+
+    def _stage_rows(self, streams, n_first: int) -> list[int]:
+        """Each stream's samples for its chunk's mel frames -> one row of the pinned staging array (+ its valid
+        pre-emphasised sample count and real frame count in the last two columns). Returns the real frames."""
+        n, w, hop, half = len(streams), self.width, self.hop, self.half
+        if self._stage is None or self._stage.shape[0] < n:
+            rows = bucket_for(n, self.buckets)
+            self._stage_t = torch.zeros(rows, w + 2, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+            self._stage = self._stage_t.numpy()
+        stage = self._stage
+        real = []
+        for i, s in enumerate(streams):
+            chunk = self.chunk[0 if i < n_first else 1]
+            avail = s.received // hop if s.ended else ((s.received - half) // hop + 1 if s.received >= half else 0)
+            k = min(chunk, max(avail - s.mel_done, 0))
+            real.append(k)
+            a0 = s.mel_done * hop - half - 1  # absolute index of the row's first sample (pre-emphasis history)
+            row = stage[i]
+            lo, hi = max(a0, s.pcm_start), min(a0 + w, s.received)
+            if hi > lo:
+                row[:lo - a0] = 0.0
+                row[lo - a0:hi - a0] = s.pcm[lo - s.pcm_start:hi - s.pcm_start]
+                row[hi - a0:w] = 0.0
+            else:
+                row[:w] = 0.0
+            row[w] = min(max(s.received - a0 - 1, 0), w)  # pre-emphasised samples that exist (exact in float32)
+            row[w + 1] = k
+        return real
+
+    def _run_group(self, g: _Group, mel: torch.Tensor, real: torch.Tensor) -> None:
+        """Engine step + greedy decode block for one chunk kind (no pool or host state changes yet)."""
+        n = len(g.streams)
+        chunk, pre, P = self.chunk[0 if g.first else 1], self.pre[0 if g.first else 1], self.pre[1]
+        st = self.pool.gather([s.slot for s in g.streams])  # bucket rows: [n real | copies of the first]
+        b = st["pre_mel"].shape[0]
+        body, length = mel[:, :, :chunk], real + pre
+        if b > n:
+            body = torch.cat((body, body[:1].expand(b - n, -1, -1)))
+            length = torch.cat((length, length[:1].expand(b - n)))
+        audio = torch.cat((st["pre_mel"][:, :, P - pre:], body), dim=-1)  # [b, F, pre + chunk]
+        g.pre_mel = torch.cat((st["pre_mel"], audio), dim=-1)[:, :, -P:]  # the stream's last P frames
+        inputs = {"audio_signal": audio.to(self.model.dtype), "length": length,
+                  **{name: st[name] for name, _, _, _ in self.cache_io}}
+        g.out = out = self.engine.step(inputs, **self._engine_kw)
+        enc = out["encoder_output"].to(self.model.dtype)
+        t = enc.shape[-1]
+        key = (b, max(t, 1), g.first)  # one per kind: both kinds' tokens wait in their buffers for the one D2H
+        loop = self._loops.get(key)
+        if loop is None:
+            loop = self._loops[key] = _GreedyLoop(self.model, b, max(t, 1), self.device, self.use_graphs,
+                                                  self._graph_pool)
+        loop.load(self.model.joint.project_encoder(enc.transpose(1, 2)), out["encoded_lengths"], n, st)
+        g.loop, g.block = loop, self._block(loop)
+        loop.run(g.block)
+
+    def _tokens_to_host(self, groups) -> np.ndarray:
+        """Every group's packed tokens in ONE device->host copy (pinned, one sync)."""
+        parts = [g.loop.packed[:len(g.streams)] for g in groups]
+        width = max(p.shape[1] for p in parts)
+        if len(parts) > 1:
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
+        packed = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if self.device.type == "cpu":
+            return packed.numpy().copy()
+        buf = self._tokens_host
+        if buf is None or buf.shape[0] < packed.shape[0] or buf.shape[1] < width:
+            buf = self._tokens_host = torch.empty((max(packed.shape[0], bucket_for(packed.shape[0], self.buckets)),
+                                                   width), dtype=torch.int32, pin_memory=True)
+        dst = buf[:packed.shape[0], :width]
+        dst.copy_(packed, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return dst.numpy()
+
+    # -------------------------------------------------------------- warm-up
+    @torch.no_grad()
+    def warmup(self, max_batch: int, seconds: float = 1.0) -> None:
+        """Run every batch bucket up to ``max_batch`` once (first, later and last chunks; both decode blocks), so
+        the engine's and the decoder's CUDA graphs exist before timed traffic arrives."""
+        audio = torch.zeros(int(seconds * self.sample_rate))
+        for b in [x for x in self.buckets if x <= bucket_for(max_batch, self.buckets)]:
+            states = [self.new_stream() for _ in range(b)]
+            for s in states:
+                self.push(s, audio)
+                self.end(s)
+            while any(self.ready(s) for s in states):
+                self.step([s for s in states if self.ready(s)])
+            for s in states:
+                self.release(s)
+        for loop in self._loops.values():
+            loop.run(loop.bound - self._block(loop))
+
+    def _block(self, loop: _GreedyLoop) -> int:
+        """Greedy steps before the host looks: a chunk of T frames usually needs T blanks plus a few labels (on
+        the CPU the loop stops by itself when every row is done, so the whole bound is one block)."""
+        if self.decode_block is None and self.device.type == "cpu":
+            return loop.bound
+        return min(self.decode_block or 2 * loop.T + 2, loop.bound)
+
+
+__all__ = ["BatchedCacheAwareMode", "BatchedStreamState"]
