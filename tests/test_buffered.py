@@ -216,13 +216,13 @@ def steps_of(model, a, piece_secs, **params):
 
 
 def test_redecode_seam_commits_no_jump_past_the_chunk_end(tiny):
-    """seam="redecode" (default): each step commits up to ``overlap_frames`` (= largest TDT duration - 1) before its
+    """seam="redecode": each step commits up to ``overlap_frames`` (= largest TDT duration - 1) before its
     chunk end and the next window re-decodes from there with the carried state. On audio where NeMo's loop carries
     TDT jumps across chunk ends, the redecode loop's carried jump never leaves the re-decoded frames, so no committed
     decision skips frames the window saw only as right context; commits tile the frames in order (no frame twice)."""
     a = audio(6.0, seed=11)
     nemo, _ = steps_of(tiny, a, 0.2, seam="nemo", **CTX)
-    steps, mode = steps_of(tiny, a, 0.2, **CTX)
+    steps, mode = steps_of(tiny, a, 0.2, seam="redecode", **CTX)
     overlap, chunk = mode.cfg.overlap_frames, mode.cfg.chunk_frames
     assert mode.name == "buffered" and overlap == max(tiny.cfg.decoding.durations) - 1 == 3
     assert any(jump > 0 for _, _, jump in nemo[:-1])  # NeMo: decisions at the chunk end jump into the next chunk
@@ -236,16 +236,18 @@ def test_redecode_seam_commits_no_jump_past_the_chunk_end(tiny):
         assert all(previous <= f < horizon for _, f, _ in committed)
         previous = horizon
     # overlap 0 is NeMo's loop
-    assert steps_of(tiny, a, 0.2, overlap_frames=0, **CTX)[0] == nemo
+    assert steps_of(tiny, a, 0.2, seam="redecode", overlap_frames=0, **CTX)[0] == nemo
+    assert steps_of(tiny, a, 0.2, **CTX)[0] == nemo  # the default is NeMo's loop
 
 
 def test_redecode_overlap_is_capped_by_chunk_and_left_context(tiny):
     from trt_asr.streaming.buffered import BufferedMode
 
-    assert BufferedMode(tiny, 0.8, 0.4, 0.32).cfg.overlap_frames == 3  # 10 / 5 / 4 frames, durations [0..4]
-    assert BufferedMode(tiny, 0.8, 0.16, 0.32).cfg.overlap_frames == 1  # < chunk: every step commits a frame
-    assert BufferedMode(tiny, 0.0, 0.4, 0.32).cfg.overlap_frames == 0  # no left context to re-decode from
-    assert BufferedMode(tiny, 0.8, 0.4, 0.32, seam="nemo").cfg.overlap_frames == 0
+    redecode = dict(seam="redecode")
+    assert BufferedMode(tiny, 0.8, 0.4, 0.32, **redecode).cfg.overlap_frames == 3  # 10/5/4 frames, durations [0..4]
+    assert BufferedMode(tiny, 0.8, 0.16, 0.32, **redecode).cfg.overlap_frames == 1  # < chunk: each step commits
+    assert BufferedMode(tiny, 0.0, 0.4, 0.32, **redecode).cfg.overlap_frames == 0  # no left context to re-decode
+    assert BufferedMode(tiny, 0.8, 0.4, 0.32).cfg.overlap_frames == 0  # default seam="nemo"
     with pytest.raises(ValueError):
         BufferedMode(tiny, seam="middle")
 

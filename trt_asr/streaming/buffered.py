@@ -84,15 +84,16 @@ class BufferedStream:
 
 class BufferedMode:
     """``StreamingMode`` "buffered". ``engine``: an optional ``EncoderEngine`` with mode "window" to run the encoder
-    (default: the model's own PyTorch encoder). ``seam``: "redecode" (default) leaves the last ``overlap_frames``
-    of every chunk tentative and commits them from the next window (default: the largest TDT duration - 1, see the
-    module docstring); "nemo" is NeMo's loop."""
+    (default: the model's own PyTorch encoder). ``seam``: "nemo" (default) is NeMo's loop; "redecode" leaves the
+    last ``overlap_frames`` of every chunk tentative and commits them from the next window (default: the largest TDT
+    duration - 1; module docstring). The default stays NeMo's while the evidence for the other is mixed
+    (docs/demo-model.md, "Long-form")."""
 
     name = "buffered"
     SEAMS = ("redecode", "nemo")
 
     def __init__(self, model, left_secs: float = 10.0, chunk_secs: float = 2.0, right_secs: float = 2.0, *,
-                 keep_last_partial_frame: bool = True, seam: str = "redecode", overlap_frames: int | None = None,
+                 keep_last_partial_frame: bool = True, seam: str = "nemo", overlap_frames: int | None = None,
                  config: BufferedConfig | None = None, engine=None, decoder=None):
         if seam not in self.SEAMS:
             raise ValueError(f"seam={seam!r}; known: {', '.join(self.SEAMS)}")
