@@ -292,3 +292,22 @@ def test_onnx_export_projected(tiny, tmp_path):
         for name in r:
             assert float((o[name].float() - r[name].float()).abs().max()) <= TOL, name
         caches = {n: r[out] for n, out, _, _ in ref.cache_io()}
+
+
+def test_batched_cache_aware_mode_with_projected_engine(demo):
+    """A streaming mode that allocates its state from ``engine.cache_io()`` (BatchedCacheAwareMode) runs the
+    projected variant unchanged: same tokens as with the default engine, through the session API."""
+    batched = pytest.importorskip("trt_asr.streaming.batched_cache_aware")
+    from pathlib import Path
+
+    from trt_asr.cli.eval import load_audio
+    from trt_asr.streaming.session import stream_tokens
+
+    audios = [load_audio(str(p), 16000) for p in sorted((Path(__file__).parent / "data" / "demo_test")
+                                                          .glob("*.flac"))[:3]]
+    p = CacheAwareParams.for_encoder(demo.cfg.encoder, att_context_size=[70, 1])
+    as_tuples = lambda toks: [[(t.id, t.frame, t.duration) for t in s] for s in toks]  # noqa: E731
+    want = as_tuples(stream_tokens(demo, audios, batched.BatchedCacheAwareMode(demo, params=p)))
+    engine = TorchCudaEngine(demo, "stream", "fp32", "cpu", params=p, kv_cache="projected")
+    got = as_tuples(stream_tokens(demo, audios, batched.BatchedCacheAwareMode(demo, params=p, engine=engine)))
+    assert got == want and all(want)
