@@ -20,7 +20,8 @@ context, chunk, batch) and variant:
 
 A shape is skipped (and says why) where it does not fit in free GPU memory: a captured step holds about four
 cache-sized buffers (static input and output, the per-layer next caches and their stack), the step one more (the
-caller's inputs). The run stops starting new shapes
+caller's inputs). A shape that fails with out-of-memory anyway (the engine's warm-up leaves its memory cached while
+the graph is captured into its own pool) is recorded as skipped, and the run goes on. The run stops starting new shapes
 after ``--budget-s`` seconds (default 190: < 4 min on an H100 with model building). TF32 is off (fp32 is fp32).
 """
 
@@ -113,13 +114,12 @@ def layer_input_inputs(params, B: int, dtype, device, seed: int) -> dict[str, to
 
 def run_shape(model, params, prec: str, B: int, device, iters: int, use_graphs: bool) -> list[dict]:
     """Both variants at one (precision, context, chunk, batch): timing rows + the difference between them."""
-    T = params.input_frames(False)
-    C, K = params.last_channel_cache_size, params.last_time_cache_size
+    C = params.last_channel_cache_size
     chunk_s = params.valid_out_len * FRAME_S
     rows, ref = [], {}
     for variant in VARIANTS:
         row = dict(variant=variant, precision=prec, context=C, chunk_frames=params.valid_out_len,
-                   chunk_ms=round(chunk_s * 1e3), B=B, T_in=T)
+                   chunk_ms=round(chunk_s * 1e3), B=B, T_in=params.input_frames(False))
         per_stream = sum(torch.Size(shape).numel() * torch.empty((), dtype=dt_).element_size()
                          for _, _, shape, dt_ in cache_io(params, variant, DTYPES[prec]))
         row["cache_mib_per_stream"] = round(per_stream / 2**20, 3)
@@ -130,55 +130,60 @@ def run_shape(model, params, prec: str, B: int, device, iters: int, use_graphs: 
         if GRAPH_COPIES * B * per_stream + MARGIN > free:
             row["skipped"] = (f"does not fit: {GRAPH_COPIES} x {B} x {per_stream / 2**20:.1f} MiB of caches, "
                               f"{free / 2**30:.1f} GiB free")
-            rows.append(row)
+        else:
+            try:
+                measure(row, ref, model, params, variant, prec, B, device, iters, use_graphs, per_stream)
+            except torch.cuda.OutOfMemoryError as e:  # near the limit (e.g. at capture): record it, go on
+                row["skipped"] = f"out of memory: {str(e).splitlines()[0][:160]}"
+        rows.append(row)
+        release(device)
+        if "skipped" in row:
             log(f"  {variant:11s} B={B:5d}: skipped ({row['skipped']})")
             continue
-        eng = TorchCudaEngine(model, "stream", prec, device, use_graphs=use_graphs, batch_buckets=(B,),
-                              params=params, kv_cache=variant, copy_model=False)
-        t0 = time.perf_counter()
-        graph = eng.prepare(B, T, cache_size=C, time_cache=K)
-        sync(device)
-        row["capture_s"] = round(time.perf_counter() - t0, 3)
-        warm = 3 if B >= 256 else 10
-        row["replay_p50_ms"], row["replay_p99_ms"] = timed(graph, device, iters, warm)
-        # the caller's inputs: one more copy of the caches (1.5 for the projected one while it is converted)
-        if B * per_stream * (1.5 if variant == "projected" else 1.0) + MARGIN <= free_bytes(device):
-            inputs = layer_input_inputs(params, B, eng.dtype, device, seed=B)
-            if variant == "projected":
-                inputs.update(project_caches(eng.encoder, inputs))
-                del inputs["cache_last_channel"]
-                release(device)
-            out = eng.step(inputs, clone=True)
-            if variant == "layer_input":
-                ref = {"encoder_output": out["encoder_output"].float()}
-                if B <= 64:
-                    ref["next"] = project_caches(eng.encoder, {
-                        "cache_last_channel": out["cache_last_channel_next"],
-                        "cache_last_time": out["cache_last_time_next"],
-                        "cache_last_channel_len": out["cache_last_channel_next_len"]})
-            elif "encoder_output" in ref:
-                enc = out["encoder_output"].float()
-                row["max_abs_diff"] = float((enc - ref["encoder_output"]).abs().max())
-                row["max_abs_output"] = float(ref["encoder_output"].abs().max())
-                if "next" in ref:
-                    for k in ("cache_last_channel_k", "cache_last_channel_v"):
-                        row[f"max_abs_diff_{k}_next"] = float((out[k + "_next"].float() - ref["next"][k].float())
-                                                              .abs().max())
-            del out
-            row["step_p50_ms"], row["step_p99_ms"] = timed(partial(eng.step, inputs, clone=False), device, iters, warm)
-            del inputs
-        else:
-            row["step_note"] = "step not measured: the caller's copy of the caches does not fit beside the static ones"
-        p50 = row.get("step_p50_ms", row["replay_p50_ms"])
-        row["audio_s_per_s"] = B * chunk_s / (p50 / 1e3)
-        rows.append(row)
+        row["audio_s_per_s"] = B * chunk_s / (row.get("step_p50_ms", row["replay_p50_ms"]) / 1e3)
         log(f"  {variant:11s} B={B:5d}: replay p50 {row['replay_p50_ms']:8.2f} p99 {row['replay_p99_ms']:8.2f} ms | "
             f"step p50 {row.get('step_p50_ms', float('nan')):8.2f} p99 {row.get('step_p99_ms', float('nan')):8.2f} ms"
             f" | {row['audio_s_per_s']:10.0f} audio-s/s" +
             (f" | max|diff| {row['max_abs_diff']:.2e}" if "max_abs_diff" in row else ""))
-        del eng, graph
-        release(device)
     return rows
+
+
+def measure(row: dict, ref: dict, model, params, variant: str, prec: str, B: int, device, iters: int,
+            use_graphs: bool, per_stream: int) -> None:
+    """One variant at one shape into ``row``; the layer-input variant leaves its outputs in ``ref`` for the
+    projected one to be compared with."""
+    T, C, K = params.input_frames(False), params.last_channel_cache_size, params.last_time_cache_size
+    eng = TorchCudaEngine(model, "stream", prec, device, use_graphs=use_graphs, batch_buckets=(B,),
+                          params=params, kv_cache=variant, copy_model=False)
+    t0 = time.perf_counter()
+    graph = eng.prepare(B, T, cache_size=C, time_cache=K)
+    sync(device)
+    row["capture_s"] = round(time.perf_counter() - t0, 3)
+    warm = 3 if B >= 256 else 10
+    row["replay_p50_ms"], row["replay_p99_ms"] = timed(graph, device, iters, warm)
+    # the caller's inputs: one more copy of the caches (1.5 for the projected one while it is converted)
+    if B * per_stream * (1.5 if variant == "projected" else 1.0) + MARGIN > free_bytes(device):
+        row["step_note"] = "step not measured: the caller's copy of the caches does not fit beside the static ones"
+        return
+    inputs = layer_input_inputs(params, B, eng.dtype, device, seed=B)
+    if variant == "projected":
+        inputs.update(project_caches(eng.encoder, inputs))
+        del inputs["cache_last_channel"]
+        release(device)
+    out = eng.step(inputs, clone=True)
+    if variant == "layer_input":
+        ref["encoder_output"] = out["encoder_output"].float()
+        if B <= 64:
+            ref["next"] = project_caches(eng.encoder, {"cache_last_channel": out["cache_last_channel_next"],
+                                                       "cache_last_time": out["cache_last_time_next"],
+                                                       "cache_last_channel_len": out["cache_last_channel_next_len"]})
+    elif "encoder_output" in ref:
+        row["max_abs_diff"] = float((out["encoder_output"].float() - ref["encoder_output"]).abs().max())
+        row["max_abs_output"] = float(ref["encoder_output"].abs().max())
+        for k in ("cache_last_channel_k", "cache_last_channel_v") if "next" in ref else ():
+            row[f"max_abs_diff_{k}_next"] = float((out[k + "_next"].float() - ref["next"][k].float()).abs().max())
+    del out
+    row["step_p50_ms"], row["step_p99_ms"] = timed(partial(eng.step, inputs, clone=False), device, iters, warm)
 
 
 def gpu_model(model, prec: str, device):
