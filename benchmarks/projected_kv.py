@@ -16,7 +16,7 @@ context, chunk, batch) and variant:
   buffers + the replay (what the existing streaming modes pay; the projected cache has twice the bytes to copy);
 * ``audio_s_per_s`` = B x chunk seconds / step p50 (replay p50 where the step was not measured);
 * ``max_abs_diff`` between the variants' encoder outputs on the same inputs (the projected caches are the
-  layer-input caches through ``project_caches``), and at the smallest batch also of the next K/V caches.
+  layer-input caches through ``project_caches``), and at B <= 64 also of the next K/V caches.
 
 A shape is skipped (and says why) where it does not fit in free GPU memory: a captured step holds about four
 cache-sized buffers (static input and output, the per-layer next caches and their stack), the step one more (the
