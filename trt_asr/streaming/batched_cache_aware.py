@@ -28,6 +28,8 @@ is scattered and host state advanced only after the tokens are back.
 from __future__ import annotations
 
 import inspect
+import os
+import warnings
 import weakref
 
 import numpy as np
@@ -166,16 +168,24 @@ class _GreedyLoop:
         graph = self._graphs.get(n)
         if graph is None:  # capture on the current (loaded) buffers: warm-up on a side stream, then reload them
             saved = {k: v.clone() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                self._steps(n)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                self._steps(n)
+            try:
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    self._steps(n)
+                torch.cuda.current_stream().wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.graph_pool):
+                    self._steps(n)
+            except RuntimeError as e:  # a safety net: the same steps eagerly (slower, same tokens)
+                warnings.warn(f"greedy loop CUDA graph capture failed ({e}); running it eagerly", stacklevel=2)
+                self.use_graph = False
+                graph = None
             for k, v in saved.items():
                 getattr(self, k).copy_(v)
+            if graph is None:
+                self._steps(n)
+                return
             self._graphs[n] = graph
         graph.replay()
 
@@ -195,7 +205,7 @@ class BatchedCacheAwareMode:
     doubles when full). ``buckets``: batch sizes the per-step buffers are rounded up to (the engine's own buckets
     by default, so its CUDA graphs match). ``decode_block``: greedy steps before the host looks at the tokens (the
     loop is exact whatever it is; a block that finishes every stream needs one D2H copy per step). ``use_graphs``:
-    CUDA graphs for the decode loop (default: on CUDA)."""
+    CUDA graphs for the decode loop (default: on CUDA unless ``TRT_ASR_DECODE_GRAPHS=0``)."""
 
     name = "cache_aware"
     accepts_numpy = True  # push() takes float32 numpy pieces as they are (the scheduler's inbox holds numpy)
@@ -230,7 +240,9 @@ class BatchedCacheAwareMode:
                     p.pre_encode_cache_size[1])
         self.width = self.mel.samples(max(self.chunk))  # samples per staging row
         self.buckets = tuple(sorted(buckets or getattr(engine, "batch_buckets", None) or DEFAULT_BUCKETS))
-        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        if use_graphs is None:  # TRT_ASR_DECODE_GRAPHS=0 turns the greedy loop's CUDA graphs off
+            use_graphs = self.device.type == "cuda" and os.environ.get("TRT_ASR_DECODE_GRAPHS", "1") != "0"
+        self.use_graphs = use_graphs
         self.decode_block = decode_block
         self._enc_frames: dict[tuple[int, bool], int] = {}
         self._loops: dict[tuple, _GreedyLoop] = {}
