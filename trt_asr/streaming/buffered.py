@@ -25,8 +25,8 @@ a committed decision -- its frame and the frames its jump skips -- never reaches
 the decoder state from there; the next window (same audio windows as NeMo) decodes from that frame, so the overlap
 frames are decided with R + C right context. Every frame is committed by exactly one window, in one continuous
 decoder pass: nothing to merge. The stream's last step commits everything. Cost: the overlap's tokens
-come one step later (latency + overlap), one chunk of audio per step as before. Measured, it keeps that word but
-drops 3 others at its own seams on the same 30 minutes: near ties at the least-informed frames move, they do not go.
+come one step later (latency + overlap), one chunk of audio per step as before. Measured, it keeps that word and
+is otherwise no better on the demo model (docs/demo-model.md), hence not the default.
 
 A chunk is stepped once audio *past* its right context arrived (or the stream ended), so a stream that ends exactly
 at a chunk boundary takes NeMo's last-chunk path. Timestamps are absolute encoder frames since the stream started
@@ -87,8 +87,7 @@ class BufferedMode:
     """``StreamingMode`` "buffered". ``engine``: an optional ``EncoderEngine`` with mode "window" to run the encoder
     (default: the model's own PyTorch encoder). ``seam``: "nemo" (default) is NeMo's loop; "redecode" leaves the
     last ``overlap_frames`` of every chunk tentative and commits them from the next window (default: the largest TDT
-    duration - 1; module docstring). The default stays NeMo's: on the demo model redecode is not better overall
-    (docs/demo-model.md, "Long-form")."""
+    duration - 1; module docstring). The default stays NeMo's (docs/demo-model.md, "Long-form")."""
 
     name = "buffered"
     SEAMS = ("redecode", "nemo")
