@@ -60,8 +60,10 @@ def main() -> int:
             rows.append((name, "not run (time)", None, None))
             continue
         dest = out / f"load_{name}.json"
+        sweep = args.ks or (ks_quick if args.quick else ks)
         cmd = [sys.executable, "-m", "trt_asr", "bench", "load", "--model", args.model, "--device", args.device,
-               "--duration", str(args.duration), "--streams", args.ks or (ks_quick if args.quick else ks),
+               "--duration", str(args.duration), "--streams", sweep,
+               "--max-streams", str(max(512, *(int(k) for k in sweep.split(",") if k.strip()))),
                "--engine", args.engine, "--dtype", args.dtype, "--max-batch", str(args.max_batch),
                "--drain-timeout", str(args.drain_timeout), "--state", args.state, "--summary-json", str(dest),
                *extra]
