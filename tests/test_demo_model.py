@@ -16,12 +16,12 @@ MANIFEST = Path(__file__).parent / "data" / "demo_test" / "manifest.jsonl"
 VARIANTS = ["demo-tdt-buffered", "demo-tdt-cache-aware"]
 ISSUE_GATE_WER = 0.05  # issue #7: offline WER <= 5 % on the held-out set
 # Regression bars, offline, per attention context of the cache-aware model (measured as shipped: buffered 4.26 %;
-# cache-aware [70,13] 4.26 %, [70,6] 4.68 %, [70,1] 5.21 %, [70,0] 5.85 %; one word error = 0.11 %: 940 words).
+# cache-aware (step 5090) [70,13] 1.81 %, [70,6] 2.23 %, [70,1] 2.98 %, [70,0] 3.83 %; one word error = 0.11 %).
 # Only the default context carries the 5 % gate; lower-latency contexts trade accuracy for latency.
 OFFLINE_MAX_WER = {"demo-tdt-buffered": ISSUE_GATE_WER, "demo-tdt-cache-aware": ISSUE_GATE_WER}
-# example.wav (9 words): buffered exact; cache-aware hears "morning" as "more in" (2 word errors)
-EXAMPLE_MAX_WER = {"demo-tdt-buffered": 0.15, "demo-tdt-cache-aware": 0.25}
-CONTEXT_MAX_WER = {(70, 6): 0.055, (70, 1): 0.06, (70, 0): 0.065}
+# example.wav (9 words): both exact as shipped; the bars leave one word of slack for a retrained model
+EXAMPLE_MAX_WER = {"demo-tdt-buffered": 0.15, "demo-tdt-cache-aware": 0.15}
+CONTEXT_MAX_WER = {(70, 6): 0.035, (70, 1): 0.04, (70, 0): 0.05}
 
 
 @pytest.fixture(scope="module")
