@@ -143,3 +143,44 @@ class GreedyTransducerDecoder:
         tokens = BatchedTokens(labels_out[:, :n], frames_out[:, :n], durs_out[:, :n], counts)
         new_state = DecoderState((h, c), g, last_label, t - lengths)
         return tokens, new_state
+
+
+def masked_label_step(s: dict, prednet, joint, batch_idx: torch.Tensor, dur_table: torch.Tensor, blank: int,
+                      tdt: bool, max_symbols: int) -> None:
+    """One step of ``GreedyTransducerDecoder``'s loop for every row at once, in place on static tensors, so that a
+    fixed number of steps can be captured in a CUDA graph (rows past their end are masked: extra steps are no-ops).
+
+    ``s`` holds f [B, T, J] (projected encoder frames), lengths, t, active, counts, last_label, last_emit_frame,
+    emits_at_frame [B]; h, c [layers, B, H]; g [B, J] (projected prediction output); labels, frames, durs [B, cap]
+    (slot ``counts`` is written every step and kept only when a label is emitted)."""
+    t, h, c, g, counts = s["t"], s["h"], s["c"], s["g"], s["counts"]
+    active = s["active"].bool()
+    last_frame = (s["lengths"] - 1).clamp(min=0)
+    num_tokens = 1 + blank
+    logits = joint.joint_after_projection(s["f"][batch_idx, torch.minimum(t, last_frame)], g)
+    label = logits[:, :num_tokens].argmax(-1)
+    is_blank = label == blank
+    if tdt:
+        dur = dur_table[logits[:, num_tokens:].argmax(-1)]
+        dur = torch.where(is_blank & (dur == 0), 1, dur)  # a blank must advance
+    else:
+        dur = is_blank.long()
+    emit = active & ~is_blank
+    s["labels"][batch_idx, counts] = label
+    s["frames"][batch_idx, counts] = t
+    s["durs"][batch_idx, counts] = dur
+    counts.add_(emit)
+    same_frame = s["last_emit_frame"] == t
+    s["emits_at_frame"].copy_(torch.where(emit, torch.where(same_frame, s["emits_at_frame"] + 1, 1),
+                                          s["emits_at_frame"]))
+    s["last_emit_frame"].copy_(torch.where(emit, t, s["last_emit_frame"]))
+    s["last_label"].copy_(torch.where(emit, label, s["last_label"]))
+    out, (h_new, c_new) = prednet.step(torch.where(emit, label, blank), (h, c))
+    keep = emit[None, :, None]
+    h.copy_(torch.where(keep, h_new, h))
+    c.copy_(torch.where(keep, c_new, c))
+    g.copy_(torch.where(emit[:, None], joint.project_prednet(out), g))
+    t.add_(dur * active)
+    # max_symbols labels at one frame: force the frame on (NeMo's rule)
+    t.add_(emit & (s["emits_at_frame"] >= max_symbols) & (s["last_emit_frame"] == t))
+    s["active"].copy_(t < s["lengths"])

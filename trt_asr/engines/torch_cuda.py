@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decoding.greedy import BatchedTokens
+from ..decoding.greedy import BatchedTokens, masked_label_step
 from ..model.encoder import ProjectedKVCache, StreamingCache
 from ..streaming.contract import cache_io, cache_names
 
@@ -149,15 +149,20 @@ class TorchCudaEngine:
             return self.drop_extra_pre_encoded
         return p.drop_extra(p.is_first_chunk(frames))
 
-    def _stream_fn(self, audio_signal, length, cache_last_channel, cache_last_time, cache_last_channel_len):
+    def _encode_chunk(self, audio_signal, length, cache):
+        """The encoder's stream step (either cache variant) plus NeMo's streaming_post_process."""
         p = self.params
-        cache = StreamingCache(cache_last_channel.transpose(0, 1), cache_last_time.transpose(0, 1),
-                               cache_last_channel_len)
         enc, enc_len, nxt = self.encoder.stream_step(
             audio_signal, length, cache, drop_extra_pre_encoded=self._drop(audio_signal.shape[-1]),
             cache_drop_size=self.cache_drop_size, att_context_size=self.att_context_size)
-        if p is not None and p.att_context_style == "regular" and p.valid_out_len > 0:  # streaming_post_process
+        if p is not None and p.att_context_style == "regular" and p.valid_out_len > 0:
             enc, enc_len = enc[:, :, : p.valid_out_len], enc_len.clamp(max=p.valid_out_len)
+        return enc, enc_len, nxt
+
+    def _stream_fn(self, audio_signal, length, cache_last_channel, cache_last_time, cache_last_channel_len):
+        cache = StreamingCache(cache_last_channel.transpose(0, 1), cache_last_time.transpose(0, 1),
+                               cache_last_channel_len)
+        enc, enc_len, nxt = self._encode_chunk(audio_signal, length, cache)
         return {"encoder_output": enc, "encoded_lengths": enc_len,
                 "cache_last_channel_next": nxt.last_channel.transpose(0, 1).contiguous(),
                 "cache_last_time_next": nxt.last_time.transpose(0, 1).contiguous(),
@@ -165,14 +170,9 @@ class TorchCudaEngine:
 
     def _stream_fn_projected(self, audio_signal, length, cache_last_channel_k, cache_last_channel_v, cache_last_time,
                              cache_last_channel_len):
-        p = self.params
         cache = ProjectedKVCache(cache_last_channel_k.transpose(0, 1), cache_last_channel_v.transpose(0, 1),
                                  cache_last_time.transpose(0, 1), cache_last_channel_len)
-        enc, enc_len, nxt = self.encoder.stream_step(
-            audio_signal, length, cache, drop_extra_pre_encoded=self._drop(audio_signal.shape[-1]),
-            cache_drop_size=self.cache_drop_size, att_context_size=self.att_context_size)
-        if p is not None and p.att_context_style == "regular" and p.valid_out_len > 0:  # streaming_post_process
-            enc, enc_len = enc[:, :, : p.valid_out_len], enc_len.clamp(max=p.valid_out_len)
+        enc, enc_len, nxt = self._encode_chunk(audio_signal, length, cache)
         return {"encoder_output": enc, "encoded_lengths": enc_len,
                 "cache_last_channel_k_next": nxt.last_k.transpose(0, 1).contiguous(),
                 "cache_last_channel_v_next": nxt.last_v.transpose(0, 1).contiguous(),
@@ -345,39 +345,9 @@ class GraphGreedyDecoder:
     @torch.inference_mode()
     def _block(self):
         s = self.s
-        f, lengths, t, h, c, g = s["f"], s["lengths"], s["t"], s["h"], s["c"], s["g"]
-        batch = self.batch_idx
-        last_frame = (lengths - 1).clamp(min=0)
-        num_tokens = 1 + self.blank
         for _ in range(self.block):
-            active = s["active"]
-            logits = self.joint.joint_after_projection(f[batch, torch.minimum(t, last_frame)], g)
-            label = logits[:, :num_tokens].argmax(-1)
-            is_blank = label == self.blank
-            if self.tdt:
-                dur = self.dur_table[logits[:, num_tokens:].argmax(-1)]
-                dur = torch.where(is_blank & (dur == 0), 1, dur)
-            else:
-                dur = is_blank.long()
-            emit = active & ~is_blank
-            counts = s["counts"]
-            s["labels"][batch, counts] = label
-            s["frames"][batch, counts] = t
-            s["durs"][batch, counts] = dur
-            counts.add_(emit)
-            same_frame = s["last_emit_frame"] == t
-            s["emits_at_frame"].copy_(torch.where(emit, torch.where(same_frame, s["emits_at_frame"] + 1, 1),
-                                                  s["emits_at_frame"]))
-            s["last_emit_frame"].copy_(torch.where(emit, t, s["last_emit_frame"]))
-            s["last_label"].copy_(torch.where(emit, label, s["last_label"]))
-            out, (h_new, c_new) = self.prednet.step(torch.where(emit, label, self.blank), (h, c))
-            keep = emit[None, :, None]
-            h.copy_(torch.where(keep, h_new, h))
-            c.copy_(torch.where(keep, c_new, c))
-            g.copy_(torch.where(emit[:, None], self.joint.project_prednet(out), g))
-            t.add_(dur * active)
-            t.add_(emit & (s["emits_at_frame"] >= self.max_symbols) & (s["last_emit_frame"] == t))
-            s["active"].copy_(t < lengths)
+            masked_label_step(s, self.prednet, self.joint, self.batch_idx, self.dur_table, self.blank, self.tdt,
+                              self.max_symbols)
         self.flag_dev.copy_(s["active"].any().view(1))
 
     @torch.inference_mode()

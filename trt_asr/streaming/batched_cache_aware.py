@@ -35,6 +35,7 @@ import weakref
 import numpy as np
 import torch
 
+from ..decoding.greedy import masked_label_step
 from .cache_aware import CacheAwareParams, initial_caches
 from .frontend import BatchedLogMel
 from .scheduler import SlotPool, bucket_for
@@ -118,40 +119,13 @@ class _GreedyLoop:
                 "last_label": self.last_label, "time_jump": self.t - self.lengths}
 
     def _steps(self, n: int, until_done: bool = False) -> None:
-        batch, t, h, c, g = self.batch_idx, self.t, self.h, self.c, self.g
-        last_frame = (self.lengths - 1).clamp(min=0)
-        num_tokens = 1 + self.blank
+        s = {k: getattr(self, k) for k in ("f", "lengths", "t", "active", "h", "c", "g", "labels", "frames", "durs",
+                                           "counts", "emits_at_frame", "last_emit_frame", "last_label")}
         for _ in range(n):
             if until_done and not bool(self.active.any()):  # CPU: looking is free, so stop when all are done
                 break
-            active = self.active.bool()
-            logits = self.joint.joint_after_projection(self.f[batch, torch.minimum(t, last_frame)], g)
-            label = logits[:, :num_tokens].argmax(-1)
-            is_blank = label == self.blank
-            if self.tdt:
-                dur = self.dur_table[logits[:, num_tokens:].argmax(-1)]
-                dur = torch.where(is_blank & (dur == 0), 1, dur)
-            else:
-                dur = is_blank.long()
-            emit = active & ~is_blank
-            counts = self.counts
-            self.labels[batch, counts] = label  # slot `counts` is overwritten until something is emitted there
-            self.frames[batch, counts] = t
-            self.durs[batch, counts] = dur
-            counts.add_(emit)
-            same_frame = self.last_emit_frame == t
-            self.emits_at_frame.copy_(torch.where(emit, torch.where(same_frame, self.emits_at_frame + 1, 1),
-                                                  self.emits_at_frame))
-            self.last_emit_frame.copy_(torch.where(emit, t, self.last_emit_frame))
-            self.last_label.copy_(torch.where(emit, label, self.last_label))
-            out, (h_new, c_new) = self.prednet.step(torch.where(emit, label, self.blank), (h, c))
-            keep = emit[None, :, None]
-            h.copy_(torch.where(keep, h_new, h))
-            c.copy_(torch.where(keep, c_new, c))
-            g.copy_(torch.where(emit[:, None], self.joint.project_prednet(out), g))
-            t.add_(dur * active)
-            t.add_(emit & (self.emits_at_frame >= self.max_symbols) & (self.last_emit_frame == t))
-            self.active.copy_(t < self.lengths)
+            masked_label_step(s, self.prednet, self.joint, self.batch_idx, self.dur_table, self.blank, self.tdt,
+                              self.max_symbols)
         p, cap = self.packed, self.cap
         p[:, 0].copy_(self.counts)
         p[:, 1].copy_(self.active)
