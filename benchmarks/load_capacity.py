@@ -41,6 +41,7 @@ def main() -> int:
     ap.add_argument("--total-limit", type=float, default=420.0, help="seconds for everything")
     ap.add_argument("--engine", default="torch", choices=["torch", "torch-cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--kv-cache", default="layer_input", choices=["layer_input", "projected"])
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--ks", default=None, help="K sweep for every selected config (default: per config)")
     ap.add_argument("--state", default="auto", choices=["auto", "batched", "per-stream"],
@@ -64,7 +65,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "trt_asr", "bench", "load", "--model", args.model, "--device", args.device,
                "--duration", str(args.duration), "--streams", sweep,
                "--max-streams", str(max(512, *(int(k) for k in sweep.split(",") if k.strip()))),
-               "--engine", args.engine, "--dtype", args.dtype, "--max-batch", str(args.max_batch),
+               "--engine", args.engine, "--dtype", args.dtype, "--kv-cache", args.kv_cache, "--max-batch", str(args.max_batch),
                "--drain-timeout", str(args.drain_timeout), "--state", args.state, "--summary-json", str(dest),
                *extra]
         print("+", " ".join(cmd), file=sys.stderr, flush=True)

@@ -73,6 +73,8 @@ def register(sub) -> None:
                     "or by the lock-shared Recognizer (the previous way)")
     lp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     lp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    lp.add_argument("--kv-cache", default="layer_input", choices=["layer_input", "projected"],
+                    help="cache-aware torch-cuda engine: NeMo's layer-input attention cache or projected K/V")
     lp.add_argument("--engine", default="torch", choices=["torch", "torch-cuda"],
                     help="encoder engine of the scheduler (torch-cuda: --dtype weights, CUDA graphs per batch bucket)")
     lp.add_argument("--max-batch", type=int, default=64, help="scheduler: streams per step at most")
@@ -233,7 +235,7 @@ def _streamable_features(model, mode: str) -> bool:
     return False
 
 
-def with_engine(model, mode: str, params: dict, engine: str) -> dict:
+def with_engine(model, mode: str, params: dict, engine: str, kv_cache: str = "layer_input") -> dict:
     """Mode params plus the encoder engine object (``torch``: the mode's own reference engine). The torch-cuda
     engine runs the model's encoder in the model's dtype, one CUDA graph per (batch bucket, shape)."""
     if engine == "torch":
@@ -251,7 +253,7 @@ def with_engine(model, mode: str, params: dict, engine: str) -> dict:
                                       allow_inexact=params.get("allow_inexact", False))
     # batch buckets up to 2048: BatchedCacheAwareMode steps up to --max-batch streams at once
     eng = TorchCudaEngine(model, "stream", prec, model.device, params=cp, output_dtype=model.dtype,
-                          batch_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
+                          batch_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), kv_cache=kv_cache)
     return {"params": cp, "engine": eng}
 
 
@@ -372,7 +374,8 @@ def start_server(args, mode: str, params: dict, max_sessions: int, wait: bool = 
     """Our own server process on 127.0.0.1 (the app of ``trt-asr serve`` with these mode params)."""
     port = _free_port()
     spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "mode": mode, "params": params,
-            "engine": getattr(args, "engine", "torch"), "state": cache_aware_state(args, mode) or "auto",
+            "engine": getattr(args, "engine", "torch"), "kv_cache": getattr(args, "kv_cache", "layer_input"),
+            "state": cache_aware_state(args, mode) or "auto",
             "port": port, "max_sessions": max_sessions, "batching": args.server_batching,
             "max_batch": args.max_batch}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"trt_asr_bench_server_{port}.log", "w")
@@ -424,7 +427,8 @@ def _serve_main() -> None:
         svc._shared = CaptionSchedulerPool(model, spec["mode"], SchedulerConfig(
             max_streams=spec["max_sessions"] + 2, max_batch=spec["max_batch"], idle_timeout=None,
             sample_rate=model.cfg.sample_rate), state=state, **with_engine(model, spec["mode"], spec["params"],
-                                                                           spec.get("engine", "torch")))
+                                                                           spec.get("engine", "torch"),
+                                                                           spec.get("kv_cache", "layer_input")))
         mode = svc._shared.recognizer.mode
         if hasattr(mode, "warmup") and model.device.type == "cuda":  # CUDA graphs of every bucket before traffic
             mode.warmup(min(spec["max_batch"], spec["max_sessions"]))
@@ -551,7 +555,7 @@ def run_load(args) -> int:
             model = load_model(args.model, device=args.device, dtype=args.dtype)
             _streamable_features(model, mode)
             if args.engine != "torch":  # one engine (its CUDA graphs) for the references and the timed runs
-                params = with_engine(model, mode, params, args.engine)
+                params = with_engine(model, mode, params, args.engine, args.kv_cache)
             if cache_aware_state(args, mode) == "batched":
                 # one mode object for the references and every timed run: warm CUDA graphs, and the references
                 # are the same mode's (GPU mel) transcripts of each stream
@@ -636,6 +640,7 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "path": "in-process" if args.in_process else ("server:" + (args.url or "own 127.0.0.1 server")
                                                       + f" (batching: {args.server_batching})"),
         "mode": mode, "mode_params": _jsonable_params(params), "engine": getattr(args, "engine", "torch"),
+        "kv_cache": getattr(args, "kv_cache", "layer_input"),
         "state": cache_aware_state(args, mode),
         "model": args.model or "default", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
