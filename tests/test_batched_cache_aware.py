@@ -244,9 +244,11 @@ def test_refuses_normalised_features():
 
 
 # ----------------------------------------------------------------------------------------------- wiring
-def test_load_tool_batched_state_with_torch_cuda_engine_equals_reference():
-    """`bench load --mode cache-aware --state batched --engine torch-cuda` (CPU here: the same bucketed code,
-    eager) gives every stream the transcript CacheAwareMode with the fp32 reference engine gives it."""
+@pytest.mark.parametrize("kv_cache", ["layer_input", "projected"])
+def test_load_tool_batched_state_with_torch_cuda_engine_equals_reference(kv_cache):
+    """`bench load --mode cache-aware --state batched --engine torch-cuda [--kv-cache projected]` (CPU here: the
+    same bucketed code, eager) gives every stream the transcript CacheAwareMode with the fp32 reference engine
+    (NeMo's layer-input cache) gives it."""
     import argparse
 
     from trt_asr.cli import bench
@@ -255,13 +257,15 @@ def test_load_tool_batched_state_with_torch_cuda_engine_equals_reference():
     bench.register(p.add_subparsers(dest="cmd"))
     args = p.parse_args(["bench", "load", "--streams", "3", "--duration", "2", "--model", "random:tiny-cache-aware",
                          "--in-process", "--engine", "torch-cuda", "--drain-timeout", "20", "--mode", "cache-aware",
-                         "--chunk-ms", "160", "--left-frames", "16", "--state", "batched"])
+                         "--chunk-ms", "160", "--left-frames", "16", "--state", "batched", "--kv-cache", kv_cache])
     model = load_model("random:tiny-cache-aware")
     mode, params, chunk_s = bench.mode_params(args)
     bench._streamable_features(model, mode)
     assert bench.cache_aware_state(args, mode) == "batched"
     want = bench.reference_texts(model, mode, params, bench.stream_audios(args, 3))
-    got = bench.run_in_process(model, args, 3, mode, bench.with_engine(model, mode, params, "torch-cuda"), chunk_s)
+    engine_params = bench.with_engine(model, mode, params, "torch-cuda", args.kv_cache)
+    assert engine_params["engine"].kv_cache == kv_cache
+    got = bench.run_in_process(model, args, 3, mode, engine_params, chunk_s)
     assert not got["errors"] and got["lost_audio_seconds"] == 0
     assert got["texts"] == want and any(want)
 
