@@ -60,9 +60,9 @@ class Transcript:
         return d
 
 
-def make_transcript(model: TransducerModel, triples: Sequence[tuple[int, int, int]], audio: str = "",
-                    duration: float = 0.0, frame_offset: int = 0) -> Transcript:
-    """(label, frame, duration) triples -> text, tokens and words with times in seconds."""
+def timed_tokens(model: TransducerModel, triples: Sequence[tuple[int, int, int]],
+                 frame_offset: int = 0) -> list[TimedToken]:
+    """(label, frame, duration) triples -> tokens with their pieces and times in seconds (each on its own)."""
     tok = model.tokenizer
     fs = model.cfg.frame_seconds
     tdt = model.cfg.decoding.model_type == "tdt"
@@ -72,6 +72,14 @@ def make_transcript(model: TransducerModel, triples: Sequence[tuple[int, int, in
         span = max(int(dur), 1) if tdt else 1
         piece = tok.piece(label) if tok else f"<{label}>"
         tokens.append(TimedToken(int(label), piece, int(frame), int(dur) if tdt else 1, frame * fs, (frame + span) * fs))
+    return tokens
+
+
+def make_transcript(model: TransducerModel, triples: Sequence[tuple[int, int, int]], audio: str = "",
+                    duration: float = 0.0, frame_offset: int = 0) -> Transcript:
+    """(label, frame, duration) triples -> text, tokens and words with times in seconds."""
+    tok = model.tokenizer
+    tokens = timed_tokens(model, triples, frame_offset)
     words: list[Word] = []
     groups: list[list[TimedToken]] = []
     for t in tokens:

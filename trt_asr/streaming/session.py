@@ -30,7 +30,7 @@ from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from ..transcribe import TimedToken, Transcript, Word, make_transcript  # one set of result types
+from ..transcribe import TimedToken, Transcript, Word, make_transcript, timed_tokens  # one set of result types
 
 
 # ----------------------------------------------------------------------------------------------- mode interface
@@ -191,8 +191,8 @@ class StreamSession:
         new_words = self._complete_words(final=result.finished)
         self.finished = result.finished
         self._events.append(StreamEvent(
-            committed=[rec.timed(t) for t in result.committed],
-            tentative=[rec.timed(t) for t in self.tentative],
+            committed=rec.timed(result.committed),
+            tentative=rec.timed(self.tentative),
             words=new_words,
             text=self.text,
             tentative_text=rec.detokenize([t.id for t in self.tentative]),
@@ -263,13 +263,20 @@ class Recognizer:
     def starts_word(self, token_id: int) -> bool:
         return self.tokenizer.starts_word(token_id) if self.tokenizer is not None else True
 
-    def timed(self, t: Token) -> TimedToken:
-        return make_transcript(self.model, [(t.id, t.frame, t.duration)]).tokens[0]
+    def timed(self, tokens: Sequence[Token]) -> list[TimedToken]:
+        """Tokens with pieces and times in seconds, as the offline transcript gives them."""
+        return timed_tokens(self.model, [(t.id, t.frame, t.duration) for t in tokens]) if tokens else []
 
     def make_word(self, tokens: Sequence[Token]) -> Word:
         """The word spelled by tokens (one word start .. before the next), timed as the offline transcript does."""
-        words = make_transcript(self.model, [(t.id, t.frame, t.duration) for t in tokens]).words
-        return words[0] if words else Word("", 0.0, 0.0)
+        if self.tokenizer is None:
+            words = make_transcript(self.model, [(t.id, t.frame, t.duration) for t in tokens]).words
+            return words[0] if words else Word("", 0.0, 0.0)
+        text = self.tokenizer.decode([t.id for t in tokens]).strip() if tokens else ""
+        if not text:
+            return Word("", 0.0, 0.0)
+        timed = self.timed(tokens)  # one word: make_transcript's grouping gives exactly this
+        return Word(text, round(timed[0].start, 3), round(max(t.end for t in timed), 3))
 
 
 def _as_pcm(pcm) -> torch.Tensor:
