@@ -92,17 +92,23 @@ class StreamingFrontEnd:
         return mel[:, :n]
 
     def _log_mel(self, seg: torch.Tensor) -> torch.Tensor:
-        """The offline front end's ops after pre-emphasis and padding (center=False on already padded samples)."""
-        fe = self.fe
-        spec = torch.stft(seg[None], self.n_fft, hop_length=self.hop, win_length=fe.win, window=self.window,
-                          center=False, return_complex=True)
-        power = torch.view_as_real(spec).pow(2).sum(-1).sqrt()
-        if self.cfg.mag_power != 1.0:
-            power = power.pow(self.cfg.mag_power)
-        mel = torch.matmul(self.fb, power)
-        if self.cfg.log:
-            mel = torch.log(mel + self.cfg.log_zero_guard_value)
-        return mel[0]
+        return framed_log_mel(seg[None], self.fe, self.window, self.fb)[0]
+
+
+def framed_log_mel(y_bn: torch.Tensor, featurizer: MelFrontEnd, window: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    """The offline front end's ops after pre-emphasis and padding (center=False on already padded samples):
+    pre-emphasised rows [B, N] -> log-mel [B, F, 1 + (N - n_fft) // hop]. ``window`` / ``fb``: the featurizer's,
+    on the rows' device."""
+    cfg = featurizer.cfg
+    spec = torch.stft(y_bn, featurizer.n_fft, hop_length=featurizer.hop, win_length=featurizer.win, window=window,
+                      center=False, return_complex=True)
+    power = torch.view_as_real(spec).pow(2).sum(-1).sqrt()
+    if cfg.mag_power != 1.0:
+        power = power.pow(cfg.mag_power)
+    mel = torch.matmul(fb, power)
+    if cfg.log:
+        mel = torch.log(mel + cfg.log_zero_guard_value)
+    return mel
 
 
 def offline_log_mel(featurizer: MelFrontEnd, audio_n: torch.Tensor) -> torch.Tensor:
@@ -121,14 +127,14 @@ class BatchedLogMel:
         x = ...  # [B, lm.samples(n)]: absolute samples [j0*hop - n_fft/2 - 1, ...) of frames j0 .. j0+n-1
         mel = lm(x, y_valid)  # [B, F, n]; y_valid [B]: pre-emphasised samples x[:, 1:] that exist
 
-    Same float32 ops as ``StreamingFrontEnd._log_mel`` (pre-emphasis, STFT with center=False on the padded samples,
-    magnitude, mel matmul, log guard), so frames agree within FFT rounding (tests/test_batched_cache_aware.py)."""
+    The same float32 ops as ``StreamingFrontEnd`` (pre-emphasis, then ``framed_log_mel``), so frames agree within
+    FFT rounding (tests/test_batched_cache_aware.py)."""
 
     def __init__(self, featurizer: MelFrontEnd, device="cpu"):
         if featurizer.stft_pad is not None:
             raise ValueError("exact_pad=True front ends are not supported for streaming")
-        self.cfg = featurizer.cfg
-        self.hop, self.n_fft, self.win = featurizer.hop, featurizer.n_fft, featurizer.win
+        self.featurizer, self.cfg = featurizer, featurizer.cfg
+        self.hop, self.n_fft = featurizer.hop, featurizer.n_fft
         self.window = featurizer.window.detach().float().to(device)
         self.fb = featurizer.fb.detach().float().to(device)  # [1, F, n_fft // 2 + 1]
 
@@ -141,15 +147,4 @@ class BatchedLogMel:
         y = x_bw[:, 1:] if p is None else x_bw[:, 1:] - p * x_bw[:, :-1]
         # samples at / past the end of a stream are zero after pre-emphasis (the offline front end masks them)
         y = y.masked_fill(torch.arange(y.shape[1], device=y.device)[None, :] >= y_valid_b[:, None], 0.0)
-        spec = torch.stft(y, self.n_fft, hop_length=self.hop, win_length=self.win, window=self.window,
-                          center=False, return_complex=True)
-        # the same float32 ops as view_as_real(spec).pow(2).sum(-1).sqrt().pow(2), without strided reductions
-        power = (spec.real.square() + spec.imag.square()).sqrt()
-        if self.cfg.mag_power == 2.0:
-            power = power.square()
-        elif self.cfg.mag_power != 1.0:
-            power = power.pow(self.cfg.mag_power)
-        mel = torch.matmul(self.fb, power)
-        if self.cfg.log:
-            mel = torch.log(mel + self.cfg.log_zero_guard_value)
-        return mel
+        return framed_log_mel(y, self.featurizer, self.window, self.fb)
