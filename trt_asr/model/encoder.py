@@ -148,7 +148,7 @@ class RelPositionMultiHeadAttention(nn.Module):
     def rel_shift(x: torch.Tensor) -> torch.Tensor:
         """[B, H, Tq, P] scores by relative position -> scores by key position (first Tk columns are valid)."""
         b, h, tq, p = x.shape
-        x = F.pad(x, (1, 0)).view(b, h, p + 1, tq)
+        x = F.pad(x, (1, 0)).reshape(b, h, p + 1, tq)
         return x[:, :, 1:].reshape(b, h, tq, p)
 
     def forward(self, query: torch.Tensor, key_value: torch.Tensor, pos_emb: torch.Tensor,
@@ -176,8 +176,12 @@ class RelPositionMultiHeadAttention(nn.Module):
         v = v_btd.view(b, tk, self.h, self.d_k).transpose(1, 2)
         p = self.linear_pos(pos_emb).view(pos_emb.shape[0], -1, self.h, self.d_k).transpose(1, 2)
         q_u = (q + self.pos_bias_u).transpose(1, 2)  # [B, H, Tq, d_k]
-        q_v = (q + self.pos_bias_v).transpose(1, 2)
-        bd = self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))[..., :tk] / math.sqrt(self.d_k)
+        if p.shape[0] == 1:  # positions shared by the batch: one [B*Tq, d_k] x [d_k, P] GEMM per head, not B*H
+            q_v = (q + self.pos_bias_v).permute(2, 0, 1, 3).reshape(self.h, b * tq, self.d_k)
+            bd = torch.matmul(q_v, p[0].transpose(-2, -1)).view(self.h, b, tq, -1).transpose(0, 1)
+        else:  # tiny GEMMs of M = Tq rows, slow for short chunks
+            bd = torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1))
+        bd = self.rel_shift(bd)[..., :tk] / math.sqrt(self.d_k)
         if mask_btt is not None:
             bd = bd.masked_fill(mask_btt[:, None], -MASK_VALUE)
         out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bd,
@@ -185,6 +189,27 @@ class RelPositionMultiHeadAttention(nn.Module):
         if mask_btt is not None:  # queries that see nothing (padding) give zeros, as in NeMo
             out = out.masked_fill(mask_btt.all(dim=-1)[:, None, :, None], 0.0)
         return self.linear_out(out.transpose(1, 2).reshape(b, tq, self.h * self.d_k))
+
+
+def depthwise_conv1d(x_bdt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv1d(x, weight, bias, groups=D)`` (no padding) as K shifted multiply-adds on CUDA: cuDNN's depthwise
+    1-D kernels are slow in half precision and for short chunks (15 ms of a 119 ms fp16 stream step at B=1024, 10 ms
+    of a 131 ms compiled offline pass, benchmarks/results/profile_h100); these are plain elementwise ops that CUDA
+    graphs and torch.compile fuse. The CPU keeps F.conv1d. Equal to it up to summation order
+    (tests/test_encoder_kernels.py)."""
+    if not x_bdt.is_cuda:
+        return F.conv1d(x_bdt, weight, bias, groups=weight.shape[0])
+    return shifted_depthwise_conv1d(x_bdt, weight, bias)
+
+
+def shifted_depthwise_conv1d(x_bdt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    k = weight.shape[-1]
+    t = x_bdt.shape[-1] - k + 1
+    w = weight[:, 0, :, None]  # [D, K, 1]
+    out = x_bdt[..., 0:t] * w[:, 0]
+    for j in range(1, k):
+        out = out + x_bdt[..., j:j + t] * w[:, j]
+    return out if bias is None else out + bias[:, None]
 
 
 class ConvModule(nn.Module):
@@ -212,7 +237,8 @@ class ConvModule(nn.Module):
             x = torch.cat([cache_bdk, F.pad(x, (0, self.pad_right))], dim=-1)
             kept = x[:, :, : x.shape[-1] - cache_drop] if cache_drop > 0 else x
             next_cache = kept[:, :, -cache_bdk.shape[-1]:]
-        x = self.pointwise_conv2(F.silu(self.batch_norm(self.depthwise_conv(x))))
+        x = depthwise_conv1d(x, self.depthwise_conv.weight, self.depthwise_conv.bias)
+        x = self.pointwise_conv2(F.silu(self.batch_norm(x)))
         return x.transpose(1, 2), next_cache
 
 
@@ -246,8 +272,9 @@ class ConformerLayer(nn.Module):
                 kv = q
             else:  # keys/values see the cached inputs; the cache keeps the last C inputs not dropped
                 kv = torch.cat([cache_channel, q], dim=1)
+                # next = cat(cache[keep:], q[:keep]) with keep = T - cache_drop: a window of kv, no extra copy
                 keep = q.shape[1] - cache_drop
-                next_channel = torch.cat([cache_channel[:, keep:], q[:, :keep]], dim=1)
+                next_channel = kv[:, keep:keep + cache_channel.shape[1]]
             att = self.self_attn(q, kv, pos_emb, att_mask)
         x = x + self.dropout(att)
         conv_out, next_time = self.conv(self.norm_conv(x), pad_mask, cache_time, cache_drop)
@@ -361,11 +388,14 @@ class ConformerEncoder(nn.Module):
             next_channel.append(ch)
             next_time.append(tm)
         next_len = torch.clamp(cache.last_channel_len + (t - cache_drop_size), max=cache_len)
+        # stacked batch-first ([B, L, ...] memory, the contract's layout), returned as layer-first views: the engines'
+        # .transpose(0, 1).contiguous() is then free, one copy of each cache per step instead of two
+        stack = lambda ts: torch.stack(ts, dim=1).transpose(0, 1)  # noqa: E731
         if projected:
-            return x.transpose(1, 2), lengths, ProjectedKVCache(torch.stack([k for k, _ in next_channel]),
-                                                                torch.stack([v for _, v in next_channel]),
-                                                                torch.stack(next_time), next_len)
-        return x.transpose(1, 2), lengths, StreamingCache(torch.stack(next_channel), torch.stack(next_time), next_len)
+            return x.transpose(1, 2), lengths, ProjectedKVCache(stack([k for k, _ in next_channel]),
+                                                                stack([v for _, v in next_channel]),
+                                                                stack(next_time), next_len)
+        return x.transpose(1, 2), lengths, StreamingCache(stack(next_channel), stack(next_time), next_len)
 
     @torch.no_grad()
     def project_cache(self, cache: StreamingCache) -> ProjectedKVCache:
