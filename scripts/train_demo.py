@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from trt_asr.training.configs import CACHE_AWARE_CONTEXTS, VARIANTS, demo_config  # noqa: E402
-from trt_asr.training.data import (SAMPLE_RATE, heldout_audio, heldout_utterances, make_utterances,  # noqa: E402
-                                   synthesize_all)
+from trt_asr.training.data import (SAMPLE_RATE, assemble_example, compose_examples, heldout_audio,  # noqa: E402
+                                   heldout_utterances, make_utterances, synthesize_all)
 from trt_asr.training.text import SentenceGenerator  # noqa: E402
 
 DURATIONS = [0, 1, 2, 3, 4]
@@ -226,7 +226,18 @@ def train(args) -> None:
     lengths = np.load(data / "lengths.npy")
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     texts = json.loads((data / "texts.json").read_text())
-    targets = [tok.encode(t) for t in texts]
+    # examples: every utterance, plus --composites x N utterances joined by pauses (window-like, for buffered)
+    examples = compose_examples(lengths, int(args.composites * len(lengths)), seed * 100 + args.call + 77,
+                                max_seconds=args.composite_seconds)
+    targets = [tok.encode(" ".join(texts[i] for i in idx)) for idx, _ in examples]
+    ex_lengths = np.array([int(lengths[idx].sum()) + sum(pauses) for idx, pauses in examples], dtype=np.int64)
+    if args.composites:
+        log(f"{len(examples) - len(lengths)} composite examples of 2-4 utterances "
+            f"({ex_lengths[len(lengths):].sum() / SAMPLE_RATE / 3600:.2f} h) beside {len(lengths)} single ones")
+
+    def example_audio(e: int) -> np.ndarray:
+        idx, pauses = examples[e]
+        return assemble_example([audio[offsets[i]: offsets[i + 1]] for i in idx], pauses)
     va, vl = np.load(data / "val_audio.npy"), np.load(data / "val_lengths.npy")
     voff = np.concatenate([[0], np.cumsum(vl)])
     val_audio = [va[voff[i]: voff[i + 1]] for i in range(len(vl))]
@@ -251,7 +262,7 @@ def train(args) -> None:
     budget = args.minutes * 60
     next_val = args.val_every
     n_batches = 0
-    for epoch, idx in Batches(lengths, args.batch_seconds, seed * 100 + args.call):
+    for epoch, idx in Batches(ex_lengths, args.batch_seconds, seed * 100 + args.call):
         elapsed = time.time() - t_start
         if elapsed > budget:
             break
@@ -259,10 +270,10 @@ def train(args) -> None:
         timing = 5 <= n_batches <= 8
         tm = {}
         t0 = time.time()
-        lens = torch.tensor([int(lengths[i]) for i in idx])
+        lens = torch.tensor([int(ex_lengths[i]) for i in idx])
         x = torch.zeros(len(idx), int(lens.max()))
         for k, i in enumerate(idx):
-            x[k, : lens[k]] = torch.from_numpy(audio[offsets[i]: offsets[i + 1]].astype(np.float32) / 32768.0)
+            x[k, : lens[k]] = torch.from_numpy(example_audio(i).astype(np.float32) / 32768.0)
         tl = torch.tensor([len(targets[i]) for i in idx])
         y = torch.zeros(len(idx), int(tl.max()), dtype=torch.long)
         for k, i in enumerate(idx):
@@ -469,6 +480,9 @@ def main(argv=None):
         s.add_argument("--model-kwargs", default="", help="JSON kwargs for demo_config (smoke tests)")
         s.add_argument("--init-from", default=None, help="cache-aware: warm start from this buffered <variant>.pt")
         s.add_argument("--n-val", type=int, default=0, help="validate on the first N held-out utterances (0: all)")
+        s.add_argument("--composites", type=float, default=0.0,
+                       help="add this many x N examples of 2-4 utterances joined by 0.3-3 s pauses (window-like)")
+        s.add_argument("--composite-seconds", type=float, default=20.0, help="longest composite example")
 
     s = sub.add_parser("all")
     common(s)

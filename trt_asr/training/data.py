@@ -156,3 +156,37 @@ def heldout_utterances(n: int = N_TEST) -> list[Utterance]:
 def heldout_audio(utts: list[Utterance], audio: list[np.ndarray]) -> list[np.ndarray]:
     """Mild deterministic noise and gain, as in tests/data/demo_test."""
     return [augment(x, 5000 + i, snr_db=(20.0, 40.0), gain_db=(-12.0, 0.0)) for i, x in enumerate(audio)]
+
+
+# ------------------------------------------------------------------------------------------------ composites
+def compose_examples(lengths: np.ndarray, n_composites: int, seed: int, parts: tuple[int, int] = (2, 4),
+                     pause_s: tuple[float, float] = (0.3, 3.0), max_seconds: float = 20.0
+                     ) -> list[tuple[list[int], list[int]]]:
+    """Training examples that look like a buffered-streaming window of a long recording: 2-4 utterances joined
+    by pauses of 0.3-3 s (the long-form set's range), at most ``max_seconds`` long. Each example is (utterance
+    indices, pause lengths in samples between them). Every utterance also stays an example on its own, first, so
+    ``examples[i] == ([i], [])`` for i < len(lengths). Seeded: the same (lengths, n, seed) give the same list.
+
+    Per-feature normalisation then sees what a window of continuous speech gives it (speech, pauses and a noise
+    floor over up to 20 s, not one sentence trimmed to ~0.2 s of silence), which is what the buffered decode of
+    long recordings runs on."""
+    rng = np.random.default_rng(seed)
+    examples: list[tuple[list[int], list[int]]] = [([i], []) for i in range(len(lengths))]
+    limit = int(max_seconds * SAMPLE_RATE)
+    for _ in range(n_composites):
+        k = int(rng.integers(parts[0], parts[1] + 1))
+        idx = [int(i) for i in rng.choice(len(lengths), size=k, replace=False)]
+        pauses = [int(rng.uniform(*pause_s) * SAMPLE_RATE) for _ in range(k - 1)]
+        while len(idx) > 1 and int(lengths[idx].sum()) + sum(pauses) > limit:
+            idx.pop()
+            pauses.pop()
+        examples.append((idx, pauses))
+    return examples
+
+
+def assemble_example(pieces: list[np.ndarray], pauses: list[int]) -> np.ndarray:
+    """The utterances of one example with silence (zeros; the trainer adds noise to the whole) between them."""
+    out = [pieces[0]]
+    for p, x in zip(pauses, pieces[1:]):
+        out += [np.zeros(p, dtype=pieces[0].dtype), x]
+    return np.concatenate(out)
