@@ -11,7 +11,7 @@ Sub-commands:
   export  run folder -> trt_asr/assets/demo-tdt-*.nemo (fp32), docs/demo-model-training.png
   plot    only the PNG
 
-The recipe of 2026-11-24 (three device commands of ~9 minutes, 26 minutes in all; runs/ persists on a warm
+The recipe of 2026-11-24 (four device commands of ~9 minutes, 36 minutes in all; runs/ persists on a warm
 machine, or carry the returned weights back as bf16 for a resume; espeak-ng via TRT_ASR_ESPEAK):
   # 1) buffered from scratch (24 000 utterances)                  -> step 2818, val WER 2.86 %
   python scripts/train_demo.py all --variants buffered --seed 1 --call 0 --minutes 7.7 --anneal-minutes 2 \
@@ -23,10 +23,14 @@ machine, or carry the returned weights back as bf16 for a resume; espeak-ng via 
   # 3) cache-aware resumed (fresh data)                             -> step 5090, val 2.20 % (shipped)
   python scripts/train_demo.py all --variants cache-aware --seed 1 --call 2 --resume runs/repro/leg2 \
       --minutes 7.7 --anneal-minutes 2 --batch-seconds 500 --n-train 24000 --run runs/repro/leg3 --out $OUT/leg3
+  # 4) buffered resumed from 1) with composites (window-like examples of 2-4 utterances) -> step 4371, val 2.20 %
+  #    (shipped; the one that streams long recordings with 0 words dropped at seams)
+  python scripts/train_demo.py all --variants buffered --seed 1 --call 3 --resume runs/repro/leg1 --minutes 7.6 \
+      --anneal-minutes 2 --batch-seconds 500 --n-train 24000 --composites 0.4 --run runs/repro/leg1b --out $OUT/leg1b
   # here: unpack each bundle, then export (writes trt_asr/assets/*.nemo with fp16 parameters + the PNG)
   python scripts/train_demo.py unpack --parts <returned folder> --into runs/repro/legN
 Call k synthesizes a fresh training set (seed 100 * seed + k), so later calls see new sentences and voices.
-docs/demo-model.md says which shipped file came from which run (the buffered one is from an earlier recipe).
+docs/demo-model.md says which shipped file came from which run.
 """
 
 from __future__ import annotations
