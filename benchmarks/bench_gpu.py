@@ -101,7 +101,8 @@ def offline(model, audio, lengths, passes, precisions, variants):
             sub = int(var.split("pipe")[1]) if "pipe" in var else 1  # e.g. "autocast+compile+pipe4"
             tr = TorchCudaTranscriber(gpu_model(model, "fp32" if ac else prec), precision=prec,
                                       max_batch=len(lengths), max_seconds=20.5, encoder_graphs=(var == "graphs"),
-                                      compile_encoder=("compile" in var), autocast=ac, sub_batches=sub)
+                                      compile_encoder=("compile" in var), autocast=ac, sub_batches=sub,
+                                      compile_dynamic=("dyn" in var))
             tok = tr(a, l)  # warm-up (+ compile)
             torch.cuda.synchronize()
             setup = time.time() - t0

@@ -78,12 +78,13 @@ class TorchCudaEngine:
                  batch_buckets=DEFAULT_BATCH_BUCKETS, time_quantum: int = 16, use_graphs: bool | None = None,
                  params=None, drop_extra_pre_encoded: int = 0, cache_drop_size: int = 0, att_context_size=None,
                  output_dtype: torch.dtype | None = None, copy_model: bool = True, compile_mode: str | None = None,
-                 autocast: bool = False, kv_cache: str = "layer_input"):
+                 autocast: bool = False, kv_cache: str = "layer_input", compile_dynamic: bool = False):
         """``params``: ``trt_asr.streaming.cache_aware.CacheAwareParams`` for stream mode (first/later chunk drop,
         cache drop, attention context, valid_out_len), as the reference ``TorchEncoderEngine``; without it the
         explicit ``drop_extra_pre_encoded`` / ``cache_drop_size`` / ``att_context_size`` apply to every chunk.
         ``compile_mode``: run the step through ``torch.compile`` (e.g. "default", "max-autotune-no-cudagraphs")
-        before capturing it as a CUDA graph (one compilation per bucket shape).
+        before capturing it as a CUDA graph (one compilation per bucket shape; ``compile_dynamic=True``: one
+        compilation with symbolic batch and time for every shape of the window step, no recompile per length).
         ``autocast``: keep fp32 weights and run fp16/bf16 under ``torch.autocast`` (NeMo's mixed precision: layer
         norms, softmax and the residual stream stay fp32) instead of casting the weights.
         ``kv_cache``: the stream step's attention cache, "layer_input" (NeMo's ``cache_last_channel``) or
@@ -134,7 +135,7 @@ class TorchCudaEngine:
             self._window_fn, self._stream_fn = _ac(wfn), _ac(sfn)
         if compile_mode:
             kw = {} if compile_mode == "default" else {"mode": compile_mode}
-            self._window_fn = torch.compile(self._window_fn, dynamic=False, **kw)
+            self._window_fn = torch.compile(self._window_fn, dynamic=bool(compile_dynamic), **kw)
             self._stream_fn = torch.compile(self._stream_fn, dynamic=False, **kw)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
@@ -405,8 +406,9 @@ class TorchCudaTranscriber:
 
     def __init__(self, model, precision: str = "bf16", device="cuda", max_batch: int = 128, max_seconds: float = 20.0,
                  encoder_graphs: bool = False, decoder_block: int = 16, compile_encoder: bool = False,
-                 autocast: bool = False, sub_batches: int = 1):
-        """``sub_batches`` > 1: sort the batch by length and run it as that many sub-batches, each one's greedy
+                 autocast: bool = False, sub_batches: int = 1, compile_dynamic: bool = False):
+        """``compile_dynamic``: compile the encoder once for all lengths (see ``TorchCudaEngine``).
+        ``sub_batches`` > 1: sort the batch by length and run it as that many sub-batches, each one's greedy
         decoding overlapping the next one's encoder (same tokens as one batch; less padding, decoder hidden)."""
         self.device = torch.device(device)
         self.sub_batches = max(1, int(sub_batches))
@@ -416,7 +418,8 @@ class TorchCudaTranscriber:
         self.engine = TorchCudaEngine(model, "window", precision, self.device, use_graphs=encoder_graphs and
                                       self.device.type == "cuda",
                                       batch_buckets=(-(-max_batch // self.sub_batches),), time_quantum=64,
-                                      autocast=autocast, compile_mode="default" if compile_encoder else None)
+                                      autocast=autocast, compile_mode="default" if compile_encoder else None,
+                                      compile_dynamic=compile_dynamic)
         self.joint_enc = copy.deepcopy(model.joint.enc).to(self.device, torch.float32).eval()
         sub = model.cfg.encoder.subsampling_factor
         hop = model.cfg.preprocessor.hop_length
