@@ -111,8 +111,6 @@ def stream_section(model, prec: str, B: int, chunk: int, variant: str, device, t
     with torch.inference_mode():
         res = profile(f"stream {prec} B={B} chunk={chunk} ({chunk * 80} ms) {variant}", lambda: eng.step(inputs), top)
     res.update(kind="stream", precision=prec, B=B, chunk_frames=chunk, variant=variant)
-    del enc, eng, inputs
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return res
 
 
@@ -172,6 +170,8 @@ def main():
                                           args.top))
         except torch.cuda.OutOfMemoryError as e:
             print(f"{spec}: out of memory ({str(e)[:120]})", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the section's model copy and inputs are gone with its frame
     if args.offline:
         results += offline_sections(model, args.offline.split(","), device, args.utts, args.top)
     out = Path(args.out)

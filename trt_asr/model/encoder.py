@@ -195,8 +195,8 @@ def depthwise_conv1d(x_bdt: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """``F.conv1d(x, weight, bias, groups=D)`` (no padding) as K shifted multiply-adds on CUDA: cuDNN's depthwise
     1-D kernels are slow in half precision and for short chunks (15 ms of a 119 ms fp16 stream step at B=1024, 10 ms
     of a 131 ms compiled offline pass; benchmarks/results/profile_h100_2026-11-24); these are plain elementwise ops
-    that CUDA graphs and torch.compile fuse. The CPU and training (autograd would keep K products for the backward pass) keep
-    F.conv1d. Equal to it up to summation order (tests/test_encoder_kernels.py)."""
+    that CUDA graphs and torch.compile fuse. The CPU and training (autograd would keep K products for the backward
+    pass) keep F.conv1d. Equal to it up to summation order (tests/test_encoder_kernels.py)."""
     if not x_bdt.is_cuda or torch.is_grad_enabled():
         return F.conv1d(x_bdt, weight, bias, groups=weight.shape[0])
     return shifted_depthwise_conv1d(x_bdt, weight, bias)
