@@ -102,7 +102,8 @@ def offline(model, audio, lengths, passes, precisions, variants):
             tr = TorchCudaTranscriber(gpu_model(model, "fp32" if ac else prec), precision=prec,
                                       max_batch=len(lengths), max_seconds=20.5, encoder_graphs=(var == "graphs"),
                                       compile_encoder=("compile" in var), autocast=ac, sub_batches=sub,
-                                      compile_dynamic=("dyn" in var))
+                                      compile_dynamic=("dyn" in var),
+                                      decoder_precision="bf16" if "decbf16" in var else "fp32")
             tok = tr(a, l)  # warm-up (+ compile)
             torch.cuda.synchronize()
             setup = time.time() - t0

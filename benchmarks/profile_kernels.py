@@ -145,12 +145,41 @@ def offline_sections(model, variants: list[str], device, n_utts: int, top: int) 
     return out
 
 
+def pipeline_sections(model, variants: list[str], device, n_utts: int, top: int) -> list[dict]:
+    """The whole offline pass as bench_gpu.py times it (front end, encoder, graph greedy decoder; e.g.
+    "autocast+compile+pipe2"): device time vs wall time says how much of the pass the GPU sits idle."""
+    from bench_gpu import gpu_model, make_audio
+
+    from trt_asr.engines.torch_cuda import TorchCudaTranscriber
+
+    audio, lengths = make_audio(n_utts)
+    a, lens = audio.to(device), lengths.to(device)
+    out = []
+    for var in variants:
+        ac = "autocast" in var
+        sub = int(var.split("pipe")[1]) if "pipe" in var else 1
+        tr = TorchCudaTranscriber(gpu_model(model, "fp32" if ac else "bf16"), precision="bf16", max_batch=n_utts,
+                                  max_seconds=20.5, compile_encoder="compile" in var, autocast=ac, sub_batches=sub)
+        t0 = time.perf_counter()
+        tr(a, lens)
+        sync()
+        print(f"[pipeline {var}] first call {time.perf_counter() - t0:.1f} s", flush=True)
+        res = profile(f"offline pipeline bf16 {var} B={n_utts}", lambda: tr(a, lens), top)
+        res.update(kind="pipeline", variant=var, audio_s=float(lengths.sum()) / 16000,
+                   rtfx=float(lengths.sum()) / 16000 / (res["wall_ms"] / 1e3))
+        print(f"   RTFx {res['rtfx']:.0f}; GPU idle {100 * (1 - res['device_ms'] / res['wall_ms']):.0f} % of the pass "
+              f"(kernel time summed; overlapping streams can exceed the wall)", flush=True)
+        out.append(res)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="random:parakeet-tdt-0.6b-v3")
     ap.add_argument("--stream", default="fp16:1024:2,fp32:256:2,fp16:1024:2:projected")
     ap.add_argument("--offline", default="bf16-autocast,bf16-autocast-compile")
+    ap.add_argument("--pipeline", default="", help="whole offline passes, e.g. autocast+compile+pipe2")
     ap.add_argument("--utts", type=int, default=128)
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--smoke", action="store_true", help="tiny model, small shapes")
@@ -174,6 +203,8 @@ def main():
             torch.cuda.empty_cache()  # the section's model copy and inputs are gone with its frame
     if args.offline:
         results += offline_sections(model, args.offline.split(","), device, args.utts, args.top)
+    if args.pipeline and torch.cuda.is_available():
+        results += pipeline_sections(model, args.pipeline.split(","), device, args.utts, args.top)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": args.model,

@@ -406,8 +406,12 @@ class TorchCudaTranscriber:
 
     def __init__(self, model, precision: str = "bf16", device="cuda", max_batch: int = 128, max_seconds: float = 20.0,
                  encoder_graphs: bool = False, decoder_block: int = 16, compile_encoder: bool = False,
-                 autocast: bool = False, sub_batches: int = 1, compile_dynamic: bool = False):
+                 autocast: bool = False, sub_batches: int = 1, compile_dynamic: bool = False,
+                 decoder_precision: str = "fp32"):
         """``compile_dynamic``: compile the encoder once for all lengths (see ``TorchCudaEngine``).
+        ``decoder_precision``: the prediction network and joint in "fp32" (default, as NeMo in fp32) or "bf16" /
+        "fp16" (what NeMo's decoding does under bf16 autocast); in fp32 the joint's [B, J] x [J, V] products run
+        as small-M FFMA GEMMs, the largest cost of the decoder (docs/benchmarks.md, run K).
         ``sub_batches`` > 1: sort the batch by length and run it as that many sub-batches, each one's greedy
         decoding overlapping the next one's encoder (same tokens as one batch; less padding, decoder hidden)."""
         self.device = torch.device(device)
@@ -420,12 +424,13 @@ class TorchCudaTranscriber:
                                       batch_buckets=(-(-max_batch // self.sub_batches),), time_quantum=64,
                                       autocast=autocast, compile_mode="default" if compile_encoder else None,
                                       compile_dynamic=compile_dynamic)
-        self.joint_enc = copy.deepcopy(model.joint.enc).to(self.device, torch.float32).eval()
+        dec_dtype = DTYPES[decoder_precision]
+        self.joint_enc = copy.deepcopy(model.joint.enc).to(self.device, dec_dtype).eval()
         sub = model.cfg.encoder.subsampling_factor
         hop = model.cfg.preprocessor.hop_length
         max_frames = int(max_seconds * model.cfg.sample_rate) // hop // sub + 2
         self.decoder = GraphGreedyDecoder(model, -(-max_batch // self.sub_batches), max_frames, self.device,
-                                          block=decoder_block)
+                                          dtype=dec_dtype, block=decoder_block)
         self.max_frames = max_frames
 
     @torch.inference_mode()
@@ -440,7 +445,7 @@ class TorchCudaTranscriber:
         if ev:
             ev[1].record()
         out = self.engine.step({"audio_signal": feats.to(self.engine.dtype), "length": feat_len}, clone=False)
-        f = self.joint_enc(out["encoder_output"].transpose(1, 2).float())
+        f = self.joint_enc(out["encoder_output"].transpose(1, 2).to(self.joint_enc.weight.dtype))
         if ev:
             ev[2].record()
         tokens = self.decoder(f, out["encoded_lengths"])
@@ -471,7 +476,7 @@ class TorchCudaTranscriber:
             a = audio.index_select(0, idx_dev.to(audio.device))[:, :n_samples].to(self.device, torch.float32)
             feats, feat_len = self.preprocessor(a, lengths.index_select(0, idx_dev.to(lengths.device)).to(self.device))
             out = self.engine.step({"audio_signal": feats.to(self.engine.dtype), "length": feat_len}, clone=False)
-            f = self.joint_enc(out["encoder_output"].transpose(1, 2).float())
+            f = self.joint_enc(out["encoder_output"].transpose(1, 2).to(self.joint_enc.weight.dtype))
             done = torch.cuda.Event() if cuda else None
             if cuda:
                 done.record(main)
