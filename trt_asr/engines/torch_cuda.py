@@ -8,7 +8,8 @@
   then the TDT/RNNT greedy loop of ``trt_asr.decoding.greedy`` captured as a CUDA graph of ``block`` uniform steps.
   The host checks completion with a one-block lag (flag copied into pinned memory, an event per block), so the GPU
   always has the next block queued: no host sync on the hot path.
-* The decoder (prediction network and joint) runs in fp32 as NeMo does, whatever the encoder's precision.
+* The decoder (prediction network and joint) runs in fp32 by default, whatever the encoder's precision
+  (``TorchCudaTranscriber(decoder_precision="bf16")``: in bf16, as NeMo's decoding under bf16 autocast).
 
 Without CUDA (``device='cpu'``) everything runs eagerly through the same code (for CPU tests of the logic).
 """
