@@ -168,3 +168,8 @@ def test_reduced_precision_decoder_cpu():
     print(f"identical {same} of {len(rows)}; WER {wer}")
     assert same >= 34, (same, wer)
     assert wer["bf16"] <= wer["fp32"] + 0.005, wer
+
+
+def test_bad_decoder_precision_is_refused(tiny):
+    with pytest.raises(ValueError, match="decoder_precision"):
+        TorchCudaTranscriber(tiny, precision="fp32", device="cpu", max_batch=2, max_seconds=2, decoder_precision="int8")

@@ -425,6 +425,8 @@ class TorchCudaTranscriber:
                                       batch_buckets=(-(-max_batch // self.sub_batches),), time_quantum=64,
                                       autocast=autocast, compile_mode="default" if compile_encoder else None,
                                       compile_dynamic=compile_dynamic)
+        if decoder_precision not in DTYPES:
+            raise ValueError(f"decoder_precision must be one of {list(DTYPES)}, not {decoder_precision!r}")
         dec_dtype = DTYPES[decoder_precision]
         self.joint_enc = copy.deepcopy(model.joint.enc).to(self.device, dec_dtype).eval()
         sub = model.cfg.encoder.subsampling_factor
