@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import os
 import statistics
 import sys
@@ -98,7 +99,8 @@ def offline(model, audio, lengths, passes, precisions, variants):
             torch.cuda.empty_cache()
             t0 = time.time()
             ac = "autocast" in var
-            sub = int(var.split("pipe")[1]) if "pipe" in var else 1  # e.g. "autocast+compile+pipe4"
+            m_pipe = re.search(r"pipe(\d+)", var)  # e.g. "autocast+compile+pipe4"
+            sub = int(m_pipe.group(1)) if m_pipe else 1
             tr = TorchCudaTranscriber(gpu_model(model, "fp32" if ac else prec), precision=prec,
                                       max_batch=len(lengths), max_seconds=20.5, encoder_graphs=(var == "graphs"),
                                       compile_encoder=("compile" in var), autocast=ac, sub_batches=sub,

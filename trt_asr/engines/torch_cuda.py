@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding.greedy import BatchedTokens, masked_label_step
-from ..model.encoder import ProjectedKVCache, StreamingCache
+from ..model.encoder import ProjectedKVCache, StreamingCache, fold_batch_norm
 from ..streaming.contract import cache_io, cache_names
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -105,6 +105,8 @@ class TorchCudaEngine:
                            or enc.layers[0].norm_out.weight.dtype != self.dtype):
             enc = copy.deepcopy(enc)
         self.encoder = enc.to(device=self.device, dtype=self.dtype).eval()
+        if enc is not model.encoder:  # our own copy: BatchNorm folded into the depthwise convs (one op less)
+            fold_batch_norm(self.encoder)
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self.cfg = model.cfg
@@ -285,6 +287,33 @@ class TorchCudaEngine:
 
 
 # ----------------------------------------------------------------------------------------------- decoding
+class _AlignedJoint(torch.nn.Module):
+    """A joint whose output layer has zero rows appended up to a multiple of 8 outputs, the logits sliced back:
+    v3's 8,198 outputs (8,192 tokens + blank + 5 durations) make a row stride cuBLAS can only serve with unaligned
+    kernels in half precision. Same logits (the extra rows are never read)."""
+
+    def __init__(self, joint):
+        super().__init__()
+        self.enc, self.pred = joint.enc, joint.pred
+        out = joint.joint_net[-1]
+        self.n_out = out.out_features
+        pad = -self.n_out % 8
+        self.out = torch.nn.Linear(out.in_features, self.n_out + pad, bias=out.bias is not None,
+                                   device=out.weight.device, dtype=out.weight.dtype)
+        with torch.no_grad():
+            self.out.weight.zero_()
+            self.out.weight[: self.n_out].copy_(out.weight)
+            if out.bias is not None:
+                self.out.bias.zero_()
+                self.out.bias[: self.n_out].copy_(out.bias)
+
+    def project_prednet(self, pred_bh: torch.Tensor) -> torch.Tensor:
+        return self.pred(pred_bh)
+
+    def joint_after_projection(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(f + g))[..., : self.n_out]
+
+
 class GraphGreedyDecoder:
     """``trt_asr.decoding.greedy.GreedyTransducerDecoder``'s uniform step on static buffers, ``block`` steps per
     CUDA graph; same tokens (it is the same arithmetic). fp32 by default, as NeMo's decoder."""
@@ -294,7 +323,7 @@ class GraphGreedyDecoder:
         self.device = torch.device(device)
         self.dtype = dtype
         self.prednet = copy.deepcopy(model.decoder).to(self.device, dtype).eval()
-        self.joint = copy.deepcopy(model.joint).to(self.device, dtype).eval()
+        self.joint = _AlignedJoint(copy.deepcopy(model.joint).to(self.device, dtype).eval())
         d = model.cfg.decoding
         self.tdt = d.model_type == "tdt"
         self.max_symbols = d.max_symbols
