@@ -264,7 +264,7 @@ def test_load_tool_batched_state_with_torch_cuda_engine_equals_reference(kv_cach
     assert bench.cache_aware_state(args, mode) == "batched"
     want = bench.reference_texts(model, mode, params, bench.stream_audios(args, 3))
     engine_params = bench.with_engine(model, mode, params, "torch-cuda", args.kv_cache)
-    assert engine_params["engine"].kv_cache == kv_cache
+    assert engine_params["engine"].kv_cache == kv_cache and engine_params["engine"].inplace_caches
     got = bench.run_in_process(model, args, 3, mode, engine_params, chunk_s)
     assert not got["errors"] and got["lost_audio_seconds"] == 0
     assert got["texts"] == want and any(want)

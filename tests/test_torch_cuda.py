@@ -32,9 +32,9 @@ def _audio(n=3, secs=3.0):
     return a, torch.tensor([a.shape[1] - 7000 * i for i in range(n)])
 
 
-def _stream_equal(model, device, precision, atol):
+def _stream_equal(model, device, precision, atol, **engine_kw):
     params = default_params(model)
-    eng = TorchCudaEngine(model, "stream", precision, device, params=params, batch_buckets=(4,))
+    eng = TorchCudaEngine(model, "stream", precision, device, params=params, batch_buckets=(4,), **engine_kw)
     ref = create_engine("torch", model, "stream", params=params)
     caches = initial_caches(params, 3)
     for k in range(4):
@@ -54,6 +54,36 @@ def _stream_equal(model, device, precision, atol):
 
 def test_stream_step_matches_reference_cpu(tiny_ca):
     _stream_equal(tiny_ca, "cpu", "fp32", 1e-5)
+
+
+@pytest.mark.parametrize("kv_cache", ["layer_input", "projected"])
+def test_inplace_caches_equal_fresh_caches_cpu(tiny_ca, kv_cache):
+    """inplace_caches: the next caches written over the bucket's own input buffers (and returned as them) are the
+    reference engine's next caches, chunk after chunk (closed loop, the engine's outputs fed back); a caller that
+    writes the static buffers itself (static_inputs) gets the same step."""
+    _stream_equal(tiny_ca, "cpu", "fp32", 1e-5, inplace_caches=True)
+    params = default_params(tiny_ca)
+    eng = TorchCudaEngine(tiny_ca, "stream", "fp32", "cpu", params=params, batch_buckets=(4,), kv_cache=kv_cache,
+                          inplace_caches=True)
+    fresh = TorchCudaEngine(tiny_ca, "stream", "fp32", "cpu", params=params, batch_buckets=(4,), kv_cache=kv_cache)
+    zeros = {name: torch.zeros(3, *shape, dtype=dt) for name, _, shape, dt in fresh.cache_io()}
+    caches_a, caches_b = dict(zeros), dict(zeros)
+    g = torch.Generator().manual_seed(1)
+    for k in range(5):
+        t = params.input_frames(k == 0)
+        x = {"audio_signal": torch.randn(3, tiny_ca.cfg.encoder.feat_in, t, generator=g),
+             "length": torch.tensor([t, t - 3, t])}
+        ref = fresh.step({**x, **caches_b})
+        static = eng.static_inputs(3, t, params.last_channel_cache_size, params.last_time_cache_size)
+        for name, v in caches_a.items():  # write the inputs where the graph reads them (rows 3.. are padding)
+            static[name][:3].copy_(v)
+        out = eng.step({**x, **{name: static[name][:3] for name in caches_a}}, clone=False)
+        for name, nxt, _, _ in fresh.cache_io():
+            assert out[nxt].data_ptr() == static[name].data_ptr()  # the next cache is the input buffer
+            torch.testing.assert_close(out[nxt], ref[nxt], rtol=0, atol=1e-6)
+        torch.testing.assert_close(out["encoder_output"], ref["encoder_output"], rtol=0, atol=1e-6)
+        caches_a = {name: out[nxt].clone() for name, nxt, _, _ in fresh.cache_io()}
+        caches_b = {name: ref[nxt] for name, nxt, _, _ in fresh.cache_io()}
 
 
 def test_window_bucket_padding_cpu(tiny):

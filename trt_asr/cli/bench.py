@@ -253,7 +253,8 @@ def with_engine(model, mode: str, params: dict, engine: str, kv_cache: str = "la
                                       allow_inexact=params.get("allow_inexact", False))
     # batch buckets up to 2048: BatchedCacheAwareMode steps up to --max-batch streams at once
     eng = TorchCudaEngine(model, "stream", prec, model.device, params=cp, output_dtype=model.dtype,
-                          batch_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), kv_cache=kv_cache)
+                          batch_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), kv_cache=kv_cache,
+                          inplace_caches=True)
     return {"params": cp, "engine": eng}
 
 

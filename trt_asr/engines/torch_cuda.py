@@ -79,7 +79,8 @@ class TorchCudaEngine:
                  batch_buckets=DEFAULT_BATCH_BUCKETS, time_quantum: int = 16, use_graphs: bool | None = None,
                  params=None, drop_extra_pre_encoded: int = 0, cache_drop_size: int = 0, att_context_size=None,
                  output_dtype: torch.dtype | None = None, copy_model: bool = True, compile_mode: str | None = None,
-                 autocast: bool = False, kv_cache: str = "layer_input", compile_dynamic: bool = False):
+                 autocast: bool = False, kv_cache: str = "layer_input", compile_dynamic: bool = False,
+                 inplace_caches: bool = False):
         """``params``: ``trt_asr.streaming.cache_aware.CacheAwareParams`` for stream mode (first/later chunk drop,
         cache drop, attention context, valid_out_len), as the reference ``TorchEncoderEngine``; without it the
         explicit ``drop_extra_pre_encoded`` / ``cache_drop_size`` / ``att_context_size`` apply to every chunk.
@@ -90,7 +91,11 @@ class TorchCudaEngine:
         norms, softmax and the residual stream stay fp32) instead of casting the weights.
         ``kv_cache``: the stream step's attention cache, "layer_input" (NeMo's ``cache_last_channel``) or
         "projected" (``cache_last_channel_k`` / ``_v``, keys and values after linear_k / linear_v: a step then
-        projects only its new frames); see ``trt_asr.streaming.contract``."""
+        projects only its new frames); see ``trt_asr.streaming.contract``.
+        ``inplace_caches`` (stream mode): each bucket's graph writes the next caches into its own cache input
+        buffers and returns those (one cache-sized buffer set per bucket instead of two; a caller can also fill
+        them directly, ``static_inputs``). With ``step(..., clone=False)`` the returned caches are then valid
+        until the next step of the same bucket."""
         if mode not in ("window", "stream"):
             raise ValueError(f"mode must be 'window' or 'stream', not {mode!r}")
         if precision not in DTYPES:
@@ -121,6 +126,7 @@ class TorchCudaEngine:
         self.att_context_size = att_context_size
         self.output_dtype = output_dtype
         self.kv_cache = kv_cache
+        self.inplace_caches = bool(inplace_caches) and mode == "stream"
         self._cache_names = cache_names(kv_cache)  # validates kv_cache
         if kv_cache == "projected":
             self._stream_fn = self._stream_fn_projected
@@ -158,7 +164,8 @@ class TorchCudaEngine:
         p = self.params
         enc, enc_len, nxt = self.encoder.stream_step(
             audio_signal, length, cache, drop_extra_pre_encoded=self._drop(audio_signal.shape[-1]),
-            cache_drop_size=self.cache_drop_size, att_context_size=self.att_context_size)
+            cache_drop_size=self.cache_drop_size, att_context_size=self.att_context_size,
+            inplace=self.inplace_caches)
         if p is not None and p.att_context_style == "regular" and p.valid_out_len > 0:
             enc, enc_len = enc[:, :, : p.valid_out_len], enc_len.clamp(max=p.valid_out_len)
         return enc, enc_len, nxt
@@ -202,6 +209,9 @@ class TorchCudaEngine:
     def _load(self, name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
         """src -> dst (a static buffer or a slice of it). CPU inputs go through a pinned staging buffer, so the
         host-to-device copy is asynchronous; a staging buffer is rewritten only after its previous copy ran."""
+        if src.device == dst.device and src.data_ptr() == dst.data_ptr() and src.stride() == dst.stride() \
+                and src.shape == dst.shape:
+            return  # the caller wrote the static buffer itself (static_inputs)
         if src.device.type != "cpu" or self.device.type != "cuda":
             dst.copy_(src, non_blocking=True)
             return
@@ -248,6 +258,12 @@ class TorchCudaEngine:
                     "cache_last_time": torch.randn(B, L, D, K, device=self.device, dtype=self.dtype),
                     "cache_last_channel_len": torch.full((B,), C, dtype=torch.long, device=self.device)}
         return self._get(key, make, self._stream_fn)
+
+    def static_inputs(self, batch: int, frames: int, cache_size: int, time_cache: int) -> dict[str, torch.Tensor]:
+        """Stream mode: the input buffers of the graph that ``step`` uses for this batch bucket and chunk shape
+        ([bucket, ...]). A caller that writes its inputs there (e.g. ``SlotPool.gather(out=...)``) saves a copy:
+        ``step`` does not load a tensor that already is its buffer."""
+        return self.prepare(batch, frames, cache_size, time_cache).inputs
 
     def step(self, inputs: dict[str, torch.Tensor], clone: bool = True) -> dict[str, torch.Tensor]:
         x = inputs["audio_signal"]

@@ -416,11 +416,13 @@ class ConformerEncoder(nn.Module):
         return x.transpose(1, 2), lengths
 
     def stream_step(self, features: torch.Tensor, lengths: torch.Tensor, cache: StreamingCache | ProjectedKVCache,
-                    *, drop_extra_pre_encoded: int, cache_drop_size: int, att_context_size: list[int] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, StreamingCache | ProjectedKVCache]:
+                    *, drop_extra_pre_encoded: int, cache_drop_size: int, att_context_size: list[int] | None = None,
+                    inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor, StreamingCache | ProjectedKVCache]:
         """One cache-aware step (NeMo's ``forward_internal`` with caches): features of one chunk, including the
         pre-encode cache frames, -> encoded [B, D, T_valid], lengths, next cache (of the same kind as ``cache``:
-        a ``ProjectedKVCache`` selects the projected-K/V variant)."""
+        a ``ProjectedKVCache`` selects the projected-K/V variant). ``inplace``: the next cache is written into
+        ``cache``'s own tensors (each layer has read its cache before anything is written) and ``cache`` is
+        returned: no second set of cache-sized buffers (the engines' CUDA graphs keep one per batch bucket)."""
         x, lengths = self.pre_encode(features.transpose(1, 2), lengths)
         if drop_extra_pre_encoded > 0:
             x = x[:, drop_extra_pre_encoded:]
@@ -442,9 +444,20 @@ class ConformerEncoder(nn.Module):
             else:
                 x, ch, tm = layer(x, att_mask, pos_emb, pad_mask, cache.last_channel[i], cache.last_time[i],
                                   cache_drop_size)
+            if inplace:  # layer i's cache is no longer read: overwrite it now (its K/V temporaries die here)
+                if projected:
+                    cache.last_k[i].copy_(ch[0])
+                    cache.last_v[i].copy_(ch[1])
+                else:
+                    cache.last_channel[i].copy_(ch)
+                cache.last_time[i].copy_(tm)
+                continue
             next_channel.append(ch)
             next_time.append(tm)
         next_len = torch.clamp(cache.last_channel_len + (t - cache_drop_size), max=cache_len)
+        if inplace:
+            cache.last_channel_len.copy_(next_len)
+            return x.transpose(1, 2), lengths, cache
         # stacked batch-first ([B, L, ...] memory, the contract's layout), returned as layer-first views: the engines'
         # .transpose(0, 1).contiguous() is then free, one copy of each cache per step instead of two
         stack = lambda ts: torch.stack(ts, dim=1).transpose(0, 1)  # noqa: E731

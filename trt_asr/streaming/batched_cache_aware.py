@@ -405,7 +405,10 @@ class BatchedCacheAwareMode:
         """Engine step + greedy decode block for one chunk kind (no pool or host state changes yet)."""
         n = len(g.streams)
         chunk, pre, P = self.chunk[0 if g.first else 1], self.pre[0 if g.first else 1], self.pre[1]
-        st = self.pool.gather([s.slot for s in g.streams])  # bucket rows: [n real | copies of the first]
+        slots = [s.slot for s in g.streams]
+        # bucket rows: [n real | copies of the first]; caches straight into the engine's graph inputs when it
+        # updates them in place (one cache-sized buffer set per bucket, not three)
+        st = self.pool.gather(slots, out=self._engine_cache_inputs(bucket_for(n, self.pool.buckets), pre + chunk))
         b = st["pre_mel"].shape[0]
         body, length = mel[:, :, :chunk], real + pre
         if b > n:
@@ -426,6 +429,14 @@ class BatchedCacheAwareMode:
         loop.load(self.model.joint.project_encoder(enc.transpose(1, 2)), out["encoded_lengths"], n, st)
         g.loop, g.block = loop, self._block(loop)
         loop.run(g.block)
+
+    def _engine_cache_inputs(self, b: int, frames: int) -> dict[str, torch.Tensor] | None:
+        if not getattr(self.engine, "inplace_caches", False):
+            return None
+        p = self.params
+        static = self.engine.static_inputs(b, frames, p.last_channel_cache_size, p.last_time_cache_size)
+        out = {name: static[name] for name, _, _, _ in self.cache_io}
+        return out if all(t.shape[0] == b for t in out.values()) else None  # other buckets: gather then copy
 
     def _tokens_to_host(self, groups) -> np.ndarray:
         """Every group's packed tokens in ONE device->host copy (pinned, one sync)."""

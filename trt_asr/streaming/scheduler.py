@@ -224,19 +224,24 @@ class SlotPool:
         idx.copy_(torch.tensor(host, dtype=torch.long), non_blocking=True)
         return b, idx
 
-    def _buffers(self, b: int) -> dict[str, torch.Tensor]:
-        out = self._batch.get(b)
-        if out is None:
-            out = self._batch[b] = {k: torch.empty((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
-                                    for k, t in self.state.items()}
-        return out
-
-    def gather(self, slots: Sequence[int]) -> dict[str, torch.Tensor]:
+    def gather(self, slots: Sequence[int], out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The slots' state as [bucket, ...] tensors. ``out``: destination tensors for some of the keys (e.g. an
+        engine's own input buffers: no bucket buffer is then allocated for those keys, nor a second copy made)."""
         b, idx = self._index_for(slots)
-        out = self._buffers(b)
+        res = dict(out or {})
+        bufs = self._batch.setdefault(b, {})
         for k, t in self.state.items():
-            torch.index_select(t, 0, idx, out=out[k])
-        return out
+            dst = res.get(k)
+            if dst is None:
+                dst = bufs.get(k)
+                if dst is None:
+                    dst = bufs[k] = torch.empty((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
+                res[k] = dst
+            elif dst.shape != (b, *t.shape[1:]) or dst.dtype != t.dtype:
+                raise ValueError(f"gather(out=): {k} must be {(b, *t.shape[1:])} {t.dtype}, not "
+                                 f"{tuple(dst.shape)} {dst.dtype}")
+            torch.index_select(t, 0, idx, out=dst)
+        return res
 
     def scatter(self, slots: Sequence[int], values: dict[str, torch.Tensor]) -> None:
         n = len(slots)
