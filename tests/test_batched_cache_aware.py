@@ -120,6 +120,27 @@ def test_tiny_tokens_equal_alone_and_offline(tiny, att):
     assert mode.pool.in_use == 0  # finished streams gave their slots back
 
 
+@pytest.mark.parametrize("kv_cache", ["layer_input", "projected"])
+def test_inplace_engine_caches_equal_offline(tiny, kv_cache):
+    """The torch-cuda engine (CPU: same code, eager) with caches updated in place in buffers shared by a bucket's
+    chunk shapes, gathered into straight from the pool: batches that mix first, later and last chunks (the first
+    group's next caches must be copied out before the second group gathers into the same buffers) still give
+    every stream the offline forward's tokens."""
+    from trt_asr.engines.torch_cuda import TorchCudaEngine
+
+    params = CacheAwareParams.for_encoder(tiny.cfg.encoder)
+    rng = np.random.default_rng(11)
+    lengths = [16000 * 3, 16000 * 2 + 777, 9000, 400, 16000 * 3 + 3333, 20000, 161, 5555]
+    audios = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in lengths]
+    offline = [_offline_tokens(tiny, a, params) for a in audios]
+    eng = TorchCudaEngine(tiny, "stream", "fp32", "cpu", params=params, batch_buckets=(1, 2, 4), kv_cache=kv_cache,
+                          inplace_caches=True)
+    mode = BatchedCacheAwareMode(tiny, params=params, engine=eng, capacity=2)
+    got = _through_scheduler(tiny, mode, audios, rng, max_batch=4, open_every=1)
+    assert got == offline and sum(map(len, offline)) > 0
+    assert len(eng._shared_caches) >= 2 and len(eng._graphs) > len(eng._shared_caches)  # shapes share buffers
+
+
 def test_demo_model_real_speech_equals_alone_and_offline(demo):
     """The shipped cache-aware demo model on real speech, at its default context and at [70, 1] (80 ms chunks)."""
     audios = _speech(4)

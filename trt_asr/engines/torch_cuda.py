@@ -92,10 +92,10 @@ class TorchCudaEngine:
         ``kv_cache``: the stream step's attention cache, "layer_input" (NeMo's ``cache_last_channel``) or
         "projected" (``cache_last_channel_k`` / ``_v``, keys and values after linear_k / linear_v: a step then
         projects only its new frames); see ``trt_asr.streaming.contract``.
-        ``inplace_caches`` (stream mode): each bucket's graph writes the next caches into its own cache input
-        buffers and returns those (one cache-sized buffer set per bucket instead of two; a caller can also fill
-        them directly, ``static_inputs``). With ``step(..., clone=False)`` the returned caches are then valid
-        until the next step of the same bucket."""
+        ``inplace_caches`` (stream mode): each bucket's graphs write the next caches into the bucket's cache input
+        buffers (shared by its chunk shapes) and return those: one cache-sized buffer set per bucket instead of
+        two per shape; a caller can also fill them directly (``static_inputs``). With ``step(..., clone=False)``
+        the returned caches are valid until the next step of the same bucket, whatever its shape."""
         if mode not in ("window", "stream"):
             raise ValueError(f"mode must be 'window' or 'stream', not {mode!r}")
         if precision not in DTYPES:
@@ -131,6 +131,7 @@ class TorchCudaEngine:
         if kv_cache == "projected":
             self._stream_fn = self._stream_fn_projected
         self._graphs: dict[tuple, _Graphed] = {}
+        self._shared_caches: dict[tuple, dict[str, torch.Tensor]] = {}  # (B, C, K) -> cache inputs (in place)
         self._pinned: dict[tuple, tuple] = {}  # host staging buffers for CPU inputs (+ the event of their last copy)
         self.compile_mode = compile_mode
         if self.autocast:
@@ -250,13 +251,20 @@ class TorchCudaEngine:
         K = time_cache if time_cache is not None else self.cfg.encoder.conv_context[0]
         key = ("s", B, T, C, K)
 
-        def make():
+        def make_caches():
             channel = {name: torch.randn(B, L, C, D, device=self.device, dtype=self.dtype)
                        for name in self._cache_names[:-2]}  # the attention cache(s) of the variant
-            return {"audio_signal": torch.randn(B, F, T, device=self.device, dtype=self.dtype),
-                    "length": torch.full((B,), T, dtype=torch.long, device=self.device), **channel,
-                    "cache_last_time": torch.randn(B, L, D, K, device=self.device, dtype=self.dtype),
+            return {**channel, "cache_last_time": torch.randn(B, L, D, K, device=self.device, dtype=self.dtype),
                     "cache_last_channel_len": torch.full((B,), C, dtype=torch.long, device=self.device)}
+
+        def make():
+            # in-place caches: the graphs of one bucket (first and later chunk shapes) share one set of cache
+            # buffers, the largest per-bucket memory; a caller running two shapes in one step copies the first
+            # one's next caches out before gathering the second (BatchedCacheAwareMode does)
+            caches = (self._shared_caches.setdefault((B, C, K), make_caches()) if self.inplace_caches
+                      else make_caches())
+            return {"audio_signal": torch.randn(B, F, T, device=self.device, dtype=self.dtype),
+                    "length": torch.full((B,), T, dtype=torch.long, device=self.device), **caches}
         return self._get(key, make, self._stream_fn)
 
     def static_inputs(self, batch: int, frames: int, cache_size: int, time_cache: int) -> dict[str, torch.Tensor]:

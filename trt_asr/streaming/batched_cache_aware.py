@@ -169,6 +169,7 @@ class _Group:
 
     def __init__(self, first: bool, streams: list):
         self.first, self.streams = first, streams
+        self.inplace = False  # its next caches live in the engine's (shared) input buffers
 
 
 class BatchedCacheAwareMode:
@@ -224,6 +225,7 @@ class BatchedCacheAwareMode:
         self._stage = None  # pinned [rows, width + 2] float32 staging array (and its numpy view)
         self._tokens_host = None
         self.cache_io = self._cache_io()
+        self._cache_outputs = {out for _, out, _, _ in self.cache_io}
         self.pool = self._make_pool(capacity)
 
     # -------------------------------------------------------------- setup
@@ -324,6 +326,9 @@ class BatchedCacheAwareMode:
         for first, idx, r0 in ((True, first_idx, 0), (False, later_idx, len(first_idx))):
             if idx:
                 g = _Group(first, [streams[i] for i in idx])
+                if groups and groups[-1].inplace:  # the same bucket's cache buffers may be gathered into next
+                    prev = groups[-1]
+                    prev.out = {k: (v.clone() if k in self._cache_outputs else v) for k, v in prev.out.items()}
                 self._run_group(g, mel[r0:r0 + len(idx)], real_dev[r0:r0 + len(idx)])
                 groups.append(g)
         host = self._tokens_to_host(groups)
@@ -408,7 +413,9 @@ class BatchedCacheAwareMode:
         slots = [s.slot for s in g.streams]
         # bucket rows: [n real | copies of the first]; caches straight into the engine's graph inputs when it
         # updates them in place (one cache-sized buffer set per bucket, not three)
-        st = self.pool.gather(slots, out=self._engine_cache_inputs(bucket_for(n, self.pool.buckets), pre + chunk))
+        dst = self._engine_cache_inputs(bucket_for(n, self.pool.buckets), pre + chunk)
+        g.inplace = dst is not None
+        st = self.pool.gather(slots, out=dst)
         b = st["pre_mel"].shape[0]
         body, length = mel[:, :, :chunk], real + pre
         if b > n:
