@@ -271,7 +271,7 @@ def test_load_tool_smoke(server, tmp_path):
     common = ["bench", "load", "--streams", "2", "--duration", "1.5", "--model", "random:tiny", "--left-secs",
               str(PARAMS["left_secs"]), "--chunk-secs", str(PARAMS["chunk_secs"]), "--right-secs",
               str(PARAMS["right_secs"]), "--latency-budget-ms", "5000", "--drain-timeout", "20"]
-    for extra in (["--url", server.url], ["--in-process"]):
+    for extra in (["--url", server.url], ["--url", server.url, "--clients-per-process", "1"], ["--in-process"]):
         out = tmp_path / "s.json"
         main(common + extra + ["--summary-json", str(out)])
         d = json.loads(out.read_text())
@@ -282,6 +282,8 @@ def test_load_tool_smoke(server, tmp_path):
         assert run["n_errors"] == 0 and run["lost_audio_seconds"] == 0, run
         assert run["duplicated_words"] == 0 and run["lost_words"] == 0 and run["transcripts_checked"], run
         assert d["streams_sustained"] == 2
+        if "--url" in extra:  # the server's own latency view came back in every stream's end event
+            assert run["server_latency"]["partial_latency_p50_ms"]["max"] >= 0, run
 
 
 @pytest.mark.parametrize("mode_args", [["--mode", "buffered", "--left-secs", "1", "--chunk-secs", "0.5",
