@@ -169,13 +169,18 @@ class CaptionPipeline:
                         if e.kind == "endpoint":
                             self.state.add_endpoint(e.time + min(0.3, (e.detected_at - e.time) / 2))
                     t0 = time.perf_counter()
-                    hyp = self.recognizer.feed(y)
+                    # the stream's last audio goes with finish() where the recognizer takes it (scheduled streams):
+                    # one round of steps to the final instead of waiting for this audio's step first
+                    tail = y if last and getattr(self.recognizer, "finish_takes_audio", False) else None
+                    hyp = self.recognizer.feed(y) if tail is None else None
                     self.stats.compute_seconds += time.perf_counter() - t0
                     if hyp is not None:
                         self._handle(hyp)
+                else:
+                    tail = None
                 if last:
                     t0 = time.perf_counter()
-                    hyp = self.recognizer.finish()
+                    hyp = self.recognizer.finish() if tail is None else self.recognizer.finish(tail)
                     self.stats.compute_seconds += time.perf_counter() - t0
                     hyp.is_last = True
                     self._handle(hyp)

@@ -965,7 +965,13 @@ class _CaptionStream:
             self.stream.wait_idle(timeout=60)  # its step (batched with every other ready stream) has run
         return self._hyp(self._take(self.stream.poll()), False)
 
-    def finish(self):
+    finish_takes_audio = True  # CaptionPipeline hands the last audio to finish(): no wait for its own step
+
+    def finish(self, audio: np.ndarray | None = None):
+        if audio is not None and audio.size:
+            audio = np.asarray(audio, np.float32)
+            self._received += int(audio.size)
+            self.stream.push(audio)
         self.stream.end()
         self._take(list(self.stream.events(timeout=600)))
         return self._hyp([], True)
