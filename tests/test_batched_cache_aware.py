@@ -297,6 +297,28 @@ def test_warmup_leaves_no_streams(tiny):
     assert mode.pool.in_use == 0 and {k[0] for k in mode._loops} == {1, 2, 4}
 
 
+def test_service_warmup_runs_every_bucket_then_serves_exactly(tiny):
+    """CaptionService.warmup(streams=K) (what `serve` does on CUDA) steps every batch bucket up to K once, leaves
+    no stream or slot behind, and a stream served afterwards gets the offline forward's tokens."""
+    from trt_asr.captions.service import CaptionService
+
+    svc = CaptionService(tiny, "cache-aware")
+    try:
+        mode = svc._shared.recognizer.mode
+        svc.warmup(seconds=0.5, streams=4)
+        assert {k[0] for k in mode._loops} >= {1, 2, 4} and mode.pool.in_use == 0
+        params = mode.params
+        audio = (np.random.default_rng(2).standard_normal(24000) * 0.1).astype(np.float32)
+        rec = svc.recognizer()
+        for i in range(0, audio.size, 4000):
+            rec.feed(audio[i:i + 4000])
+        hyp = rec.finish()
+        want = [t[0] for t in _offline_tokens(tiny, audio, params)]
+        assert want and [t.id for t in hyp.tokens] == want
+    finally:
+        svc._shared.stop(drain=False)
+
+
 def test_caption_pool_uses_batched_mode_when_features_are_unnormalised(tiny):
     from trt_asr.streaming.cache_aware import CacheAwareMode as Plain
     from trt_asr.streaming.scheduler import CaptionSchedulerPool

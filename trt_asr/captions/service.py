@@ -108,14 +108,23 @@ class CaptionService:
             decoder_endpoint_ms=self.endpoint_ms, encoding=encoding)
         return CaptionPipeline(self.recognizer(), emit, opts, self.decode)
 
-    def warmup(self, seconds: float = 3.0) -> float:
+    def warmup(self, seconds: float = 3.0, streams: int | None = None) -> float:
         """Run a throw-away stream of low noise through the recognizer so the first real steps do not pay for lazy
-        initialisation (CUDA context, kernels, allocator). Returns the seconds it took."""
+        initialisation (CUDA context, kernels, allocator). ``streams``: a batching mode with ``warmup`` (the
+        batched cache-aware mode) also runs every batch bucket up to that many concurrent streams once, so its
+        CUDA graphs are captured now and not while the first clients wait (``serve`` passes --max-sessions on
+        CUDA). Returns the seconds it took."""
         import time
 
         import numpy as np
 
         t0 = time.perf_counter()
+        pool = self._shared
+        mode = getattr(getattr(pool, "recognizer", None), "mode", None)
+        if streams and hasattr(mode, "warmup"):
+            sched = pool.scheduler
+            with sched._engine_lock:  # no stream is open yet; the lock keeps the worker off the mode meanwhile
+                mode.warmup(min(streams, sched.config.max_batch))
         rng = np.random.default_rng(0)
         audio = (rng.standard_normal(int(seconds * self.sample_rate)) * 0.01).astype(np.float32)
         rec = self.recognizer()

@@ -42,7 +42,7 @@ def run(args) -> int:
     if svc is None:
         return 2
     if not args.no_warmup:
-        svc.warmup()
+        svc.warmup(streams=args.max_sessions if svc.model.device.type == "cuda" else None)
     limits = Limits(max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
     app = create_app(svc, token, limits)
     print(f"trt-asr serve: http://{args.host}:{args.port}/ (model {svc.model_name}, mode {svc.mode})",
