@@ -411,6 +411,8 @@ def _wait_healthy(proc, url: str, log_name: str) -> None:
 
 def _serve_main() -> None:
     spec = json.loads(sys.argv[1])
+    if os.environ.get("TRT_ASR_SWITCH_INTERVAL"):  # GIL hand-off interval (experiments; CPython default 5 ms)
+        sys.setswitchinterval(float(os.environ["TRT_ASR_SWITCH_INTERVAL"]))
     import uvicorn
 
     from ..captions.service import CaptionService
