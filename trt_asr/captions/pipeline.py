@@ -120,6 +120,10 @@ class CaptionPipeline:
             self._closed = True
             self._q.put(_CLOSE)
 
+    def backlog_seconds(self) -> float:
+        """Pushed audio not yet through the DSP and handed on (the server stops reading a socket past a bound)."""
+        return self._pushed_samples / self.opts.dsp.sample_rate - self.dsp.samples_out / self.opts.dsp.target_rate
+
     def start(self) -> "CaptionPipeline":
         self._thread = threading.Thread(target=self._run, name="caption-worker", daemon=True)
         self._thread.start()
@@ -235,6 +239,156 @@ class CaptionPipeline:
             self.stats.partials += 1
             self._emit(ev.partial_event(st, upd, lat))
             self._last_partial_nonempty = nonempty
+
+
+class ScheduledCaptionPipeline(CaptionPipeline):
+    """``CaptionPipeline`` for a stream of a ``StreamScheduler`` (``CaptionSchedulerPool``), with no thread of its
+    own: ``push`` runs the DSP in the caller's thread and queues the audio with the scheduler without waiting; the
+    scheduler's worker signals when a step delivered this stream's events, and one dispatcher thread shared by all
+    streams (``CaptionDispatcher``) turns them into a hypothesis, the transcript state's update and events. The same
+    events as ``CaptionPipeline`` (same recognizer results, same transcript state); what goes is a blocked thread
+    per stream and two thread hand-offs per audio frame."""
+
+    def __init__(self, recognizer, emit: Callable[[dict], None], options: PipelineOptions | None = None,
+                 decode: Callable[[list[int]], str] | None = None, clock: Callable[[], float] = time.monotonic,
+                 dispatcher: "CaptionDispatcher | None" = None):
+        super().__init__(recognizer, emit, options, decode, clock)
+        self.dispatcher = dispatcher or CaptionDispatcher.shared()
+        self._audio_lock = threading.Lock()  # push (caller) vs flush (dispatcher): DSP state, pending audio
+        self._pending: list[np.ndarray] = []  # DSP output the scheduler's bounded inbox did not take yet
+        self._ended = False  # the recognizer was told the stream ended
+        self._finished = False
+        self._endpoints: list[float] = []
+        recognizer.on_events(lambda: self.dispatcher.notify(self))
+
+    def start(self) -> "ScheduledCaptionPipeline":
+        return self
+
+    def push(self, data: np.ndarray | bytes) -> None:
+        if self._closed:
+            raise RuntimeError("pipeline closed")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            if self.pcm is None:
+                raise DSPError("bytes pushed but no encoding configured")
+            data = self.pcm.decode(bytes(data))
+        else:
+            data = np.asarray(data)
+            if data.dtype.kind in "iu":
+                data = data.astype(np.float32) / float(np.iinfo(data.dtype).max + 1)
+        now = self.clock()
+        with self._lock:
+            self._pushed_samples += data.shape[0]
+            self._arrival_t.append(self._pushed_samples / self.opts.dsp.sample_rate)
+            self._arrival_wall.append(now)
+        with self._audio_lock:
+            y, vad_events = self.dsp.process(data)
+            self._queue_endpoints(vad_events)
+            if y.size:
+                self._pending.append(y)
+            self._submit_pending()
+
+    def _queue_endpoints(self, vad_events) -> None:
+        """VAD endpoints go to the transcript state from the dispatcher thread (its only writer)."""
+        for e in vad_events:  # close the utterance a little after the speech ended (inside the pause)
+            if e.kind == "endpoint":
+                self._endpoints.append(e.time + min(0.3, (e.detected_at - e.time) / 2))
+
+    def _submit_pending(self) -> None:
+        """Hand pending audio to the scheduler as far as its inbox takes it (caller holds ``_audio_lock``)."""
+        while self._pending:
+            if not self.recognizer.submit(self._pending[0]):
+                return  # inbox full: retried when a step frees room (every delivery notifies the dispatcher)
+            self._pending.pop(0)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.dispatcher.notify(self)
+
+    def backlog_seconds(self) -> float:
+        with self._audio_lock:
+            pending = sum(p.size for p in self._pending)
+        return (pending + self.recognizer.queued_samples()) / self.opts.dsp.target_rate
+
+    def _service(self) -> None:
+        """Dispatcher thread: move on what is ready (submit, events, end, final)."""
+        if self._finished:
+            return
+        try:
+            with self._audio_lock:
+                self._submit_pending()
+                if self._closed and not self._ended and not self._pending:
+                    y, vad_events = self.dsp.process(np.zeros((0,), np.float32), last=True)
+                    self._queue_endpoints(vad_events)
+                    if y.size:
+                        self._pending.append(y)
+                        self._submit_pending()
+                    if not self._pending:
+                        self._ended = True
+                        self.recognizer.end()
+                endpoints, self._endpoints = self._endpoints, []
+            for t in endpoints:
+                self.state.add_endpoint(t)
+            t0 = time.perf_counter()
+            hyp, finished = self.recognizer.take()
+            self.stats.compute_seconds += time.perf_counter() - t0
+            if finished:
+                hyp.is_last = True
+            if hyp is not None:
+                self._handle(hyp)
+            if finished:
+                self._finished = True
+                self.stats.audio_seconds = self.dsp.samples_out / self.opts.dsp.target_rate
+                self.stats.revision_rate = self.state.revision_rate
+                self._emit(ev.end_event(self.stats.audio_seconds, len(self.state.segments), self.stats.summary()))
+                self.done.set()
+        except Exception as e:  # report, then end the stream
+            self._finished = True
+            traceback.print_exc()
+            self._emit(ev.error_event("internal", f"{type(e).__name__}: {e}"))
+            self._emit(ev.end_event(self.dsp.samples_out / self.opts.dsp.target_rate, len(self.state.segments),
+                                    self.stats.summary()))
+            self.done.set()
+            try:
+                self.recognizer.close()
+            except Exception:
+                pass
+
+
+class CaptionDispatcher:
+    """One thread that services ``ScheduledCaptionPipeline``s when they are notified (audio to submit, events
+    delivered, closed): each pipeline is queued at most once at a time and serviced in notification order."""
+
+    _shared: "CaptionDispatcher | None" = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued: set[int] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="caption-dispatcher", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def shared(cls) -> "CaptionDispatcher":
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def notify(self, pipe: ScheduledCaptionPipeline) -> None:
+        with self._lock:
+            if id(pipe) in self._queued:
+                return
+            self._queued.add(id(pipe))
+        self._q.put(pipe)
+
+    def _run(self) -> None:
+        while True:
+            pipe = self._q.get()
+            with self._lock:
+                self._queued.discard(id(pipe))
+            pipe._service()
 
 
 def run_pipeline_sync(recognizer: StreamingRecognizer, chunks, options: PipelineOptions | None = None,

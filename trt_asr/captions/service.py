@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .dsp import DSPConfig
-from .pipeline import CaptionPipeline, PipelineOptions
+from .pipeline import CaptionPipeline, PipelineOptions, ScheduledCaptionPipeline
 from .recognizer import RedecodeRecognizer, SharedRecognizer, model_decoder
 from .transcript import CommitPolicy
 
@@ -51,6 +51,7 @@ class CaptionService:
     vad_hangover_ms: float = 600.0
     normalize_gain: bool = False
     batching: str = "scheduler"  # "scheduler": one StreamScheduler worker batches all streams; "lock": SharedRecognizer
+    dispatch: str = "shared"  # with the scheduler: "shared" caption dispatcher thread, or "thread" per stream
 
     def __post_init__(self):
         self._shared = None
@@ -106,7 +107,10 @@ class CaptionService:
                           normalize_gain=bool(o.get("normalize_gain", self.normalize_gain)),
                           vad=bool(o.get("vad", True)), vad_hangover_ms=self.vad_hangover_ms),
             decoder_endpoint_ms=self.endpoint_ms, encoding=encoding)
-        return CaptionPipeline(self.recognizer(), emit, opts, self.decode)
+        rec = self.recognizer()
+        if self.dispatch == "shared" and hasattr(rec, "on_events"):  # a scheduled stream: no thread of its own
+            return ScheduledCaptionPipeline(rec, emit, opts, self.decode, dispatcher=self._shared.dispatcher)
+        return CaptionPipeline(rec, emit, opts, self.decode)
 
     def warmup(self, seconds: float = 3.0, streams: int | None = None) -> float:
         """Run a throw-away stream of low noise through the recognizer so the first real steps do not pay for lazy

@@ -90,6 +90,8 @@ def register(sub) -> None:
                     "tokens of a random model can flip)")
     lp.add_argument("--max-streams", type=int, default=512, help="safety bound on K")
     lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--caption-dispatch", default="shared", choices=["shared", "thread"],
+                    help="server caption path: one dispatcher thread for all streams, or a thread per stream")
     lp.add_argument("--clients-per-process", type=int, default=32,
                     help="WebSocket clients per load-generator process (one asyncio loop each; the clients of one "
                     "loop share its CPU, so past a few dozen the generator itself adds to the latency tail)")
@@ -381,6 +383,7 @@ def start_server(args, mode: str, params: dict, max_sessions: int, wait: bool = 
             "engine": getattr(args, "engine", "torch"), "kv_cache": getattr(args, "kv_cache", "layer_input"),
             "state": cache_aware_state(args, mode) or "auto",
             "port": port, "max_sessions": max_sessions, "batching": args.server_batching,
+            "dispatch": getattr(args, "caption_dispatch", "shared"),
             "max_batch": args.max_batch}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"trt_asr_bench_server_{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", "from trt_asr.cli.bench import _serve_main; _serve_main()",
@@ -425,7 +428,8 @@ def _serve_main() -> None:
     if spec["model"]:
         model.name = spec["model"]
     svc = CaptionService(model, spec["mode"].replace("_", "-"), spec["params"], commit="engine", endpoint_ms=None,
-                         batching="lock" if spec["batching"] == "lock" else "scheduler")
+                         batching="lock" if spec["batching"] == "lock" else "scheduler",
+                         dispatch=spec.get("dispatch", "shared"))
     if spec["batching"] != "lock":
         from ..streaming.scheduler import CaptionSchedulerPool, SchedulerConfig
 

@@ -240,8 +240,7 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
                             break
                         # backpressure: past MAX_BACKLOG_SECONDS of unprocessed audio stop reading the socket (TCP then
                         # slows the client); nothing is dropped
-                        while (received / bytes_per_second - pipe.dsp.samples_out / service.sample_rate
-                               > MAX_BACKLOG_SECONDS and not pipe.done.is_set()):
+                        while pipe.backlog_seconds() > MAX_BACKLOG_SECONDS and not pipe.done.is_set():
                             await asyncio.sleep(0.02)
                         continue
                     t = msg.get("text")

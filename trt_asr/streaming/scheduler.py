@@ -270,6 +270,8 @@ class ScheduledStream:
         self._ended = False
         self._ended_at: float | None = None
         self._unseen = False  # audio pushed that the worker has not yet taken in (wait_idle)
+        self._listener: Callable[[], None] | None = None  # set_listener(): called (worker thread) on every signal
+        self.taken_at_step = 0  # samples the mode had taken in when this stream's last step ran
         self._closed = False
         self._close_reason: ErrorEvent | None = None
         # worker side
@@ -374,6 +376,23 @@ class ScheduledStream:
             self._events.clear()
             return out
 
+    def poll_state(self) -> tuple[list, int, bool]:
+        """(events so far, samples taken in as of the last step, done) read together: ``done`` with all of its
+        events in this batch means nothing more will come."""
+        with self.scheduler._lock:
+            out = list(self._events)
+            self._events.clear()
+            return out, self.taken_at_step, self.done
+
+    def set_listener(self, callback: Callable[[], None] | None) -> None:
+        """``callback()`` runs (in the scheduler's thread, under its lock: keep it short, e.g. queue a wake-up) when
+        this stream gets events, gets room in its inbox, or ends; the non-blocking alternative to ``events()``."""
+        self._listener = callback
+
+    @property
+    def queued_samples(self) -> int:
+        return self._inbox_samples
+
     def events(self, timeout: float | None = None) -> Iterator:
         """Blocking iterator over events until the final (or a fatal error); stops early after ``timeout`` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -464,6 +483,8 @@ class ScheduledStream:
         self._signal_async()
 
     def _signal_async(self, space: bool = False) -> None:
+        if self._listener is not None:  # events delivered, room in the inbox, or the stream is gone
+            self._listener()
         if self._loop is None:
             return
         ev = self._async_space if space else self._async_event
@@ -746,6 +767,7 @@ class StreamScheduler:
                 overflow = len(st._events) + len(events) > self.config.max_pending_events
                 if not overflow:
                     st.finished = bool(result.finished)  # with the events, under the lock: readers see both
+                    st.taken_at_step = st.samples_in - st._inbox_samples
                     st._deliver(events)
             if overflow:
                 self._close_stream(st, ErrorEvent("client_not_reading",
@@ -907,9 +929,19 @@ class CaptionSchedulerPool:
         cfg = config or SchedulerConfig(sample_rate=self.recognizer.mode.sample_rate, idle_timeout=None,
                                         max_streams=1024)
         self.scheduler = StreamScheduler(self.recognizer, cfg).start()
+        self._dispatcher = None
 
     def open(self) -> "_CaptionStream":
         return _CaptionStream(self, self.scheduler.open())
+
+    @property
+    def dispatcher(self):
+        """The thread that services this pool's ``ScheduledCaptionPipeline``s (made on first use)."""
+        if self._dispatcher is None:
+            from ..captions.pipeline import CaptionDispatcher
+
+            self._dispatcher = CaptionDispatcher()
+        return self._dispatcher
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         self.scheduler.stop(drain=drain, timeout=timeout)
@@ -966,6 +998,33 @@ class _CaptionStream:
         return self._hyp(self._take(self.stream.poll()), False)
 
     finish_takes_audio = True  # CaptionPipeline hands the last audio to finish(): no wait for its own step
+
+    # ---- non-blocking interface (ScheduledCaptionPipeline: no thread per stream)
+    def on_events(self, callback) -> None:
+        self.stream.set_listener(callback)
+
+    def submit(self, audio: np.ndarray) -> bool:
+        """Queue audio without waiting; False (nothing queued) when the stream's bounded inbox is full."""
+        audio = np.asarray(audio, np.float32)
+        if not audio.size:
+            return True
+        return self.stream.push(audio, block=False)
+
+    def queued_samples(self) -> int:
+        return self.stream.queued_samples
+
+    def end(self) -> None:
+        self.stream.end()
+
+    def take(self):
+        """(hypothesis or None, finished) from the events delivered so far; the live edge is the audio the
+        scheduler had taken in at the stream's last step."""
+        events, taken, done = self.stream.poll_state()
+        self._received = max(self._received, int(taken))
+        events = self._take(events)
+        if done:
+            return self._hyp([], True), True
+        return self._hyp(events, False), False
 
     def finish(self, audio: np.ndarray | None = None):
         if audio is not None and audio.size:

@@ -1,0 +1,122 @@
+"""The server's caption path without a thread per stream (ScheduledCaptionPipeline + one CaptionDispatcher) gives
+the same captions as the threaded CaptionPipeline over the same scheduler: the same finals (text, words, times) and
+the same final transcript, for several streams at once, with the scheduler's bounded inbox full (audio waits in the
+pipeline and nothing is lost), and a client that goes away mid-stream does not stop the others."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from trt_asr.captions.pipeline import CaptionPipeline, ScheduledCaptionPipeline
+from trt_asr.captions.service import CaptionService
+from trt_asr.checkpoint import load_model
+from trt_asr.streaming.scheduler import CaptionSchedulerPool, SchedulerConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_ca():
+    m = load_model("random:tiny-cache-aware")
+    m.cfg.preprocessor.normalize = None
+    return m
+
+
+def _audios(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(int(16000 * s)) * 0.1).astype(np.float32) for s in (3.1, 2.2, 4.05, 1.3)[:n]]
+
+
+def _finals(events) -> list[tuple]:
+    return [(e["text"], e["start"], e["end"], tuple((w["word"], w["start"], w["end"]) for w in e["words"]))
+            for e in events if e["type"] == "final"]
+
+
+def _run(svc: CaptionService, audios, frame: int = 1600, stop_after: dict | None = None) -> list[list[dict]]:
+    """All streams at once, each fed from its own thread in `frame`-sample pieces; returns each stream's events."""
+    outs: list[list[dict]] = [[] for _ in audios]
+    pipes = [svc.pipeline(outs[i].append, 16000, options={"vad": False}).start() for i in range(len(audios))]
+
+    def feed(i):
+        a = audios[i]
+        for k, j in enumerate(range(0, a.size, frame)):
+            if stop_after and stop_after.get(i) == k:
+                pipes[i].recognizer.close()  # the client went away: the stream is forgotten
+                return
+            pipes[i].push(a[j:j + frame])
+        pipes[i].close()
+
+    threads = [threading.Thread(target=feed, args=(i,)) for i in range(len(audios))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, p in enumerate(pipes):
+        if not (stop_after and i in stop_after):
+            assert p.join(60), f"stream {i} did not end"
+    return outs
+
+
+@pytest.mark.parametrize("mode,params", [("cache-aware", {}),
+                                         ("buffered", {"left_secs": 1.0, "chunk_secs": 0.5, "right_secs": 0.5})])
+def test_shared_dispatcher_equals_thread_per_stream(tiny_ca, mode, params):
+    model = tiny_ca if mode == "cache-aware" else load_model("random:tiny")
+    audios = _audios(4)
+    want = []
+    for a in audios:  # each stream alone, thread-per-stream pipeline
+        svc = CaptionService(model, mode, params, dispatch="thread")
+        try:
+            assert isinstance(svc.pipeline(lambda e: None, 16000), CaptionPipeline)
+            want.append(_run(svc, [a])[0])
+        finally:
+            svc._shared.stop(drain=False)
+    svc = CaptionService(model, mode, params, dispatch="shared")
+    try:
+        assert isinstance(svc.pipeline(lambda e: None, 16000), ScheduledCaptionPipeline)
+        got = _run(svc, audios)
+    finally:
+        svc._shared.stop(drain=False)
+    assert any(_finals(w) for w in want)
+    for g, w, a in zip(got, want, audios):
+        assert _finals(g) == _finals(w)
+        assert g[-1]["type"] == "end" and g[-1]["audio_duration"] == pytest.approx(a.size / 16000, abs=1e-3)
+        assert [e["seq"] for e in g] == list(range(len(g)))
+
+
+def test_full_inbox_keeps_audio_in_the_pipeline(tiny_ca):
+    """A scheduler inbox of 0.1 s (so `submit` is refused again and again): the audio waits in the pipeline and is
+    handed on as steps free room; the captions equal an unbounded run's."""
+    audios = _audios(2, seed=3)
+    svc = CaptionService(tiny_ca, "cache-aware", dispatch="shared")
+    try:
+        want = _run(svc, audios, frame=8000)
+    finally:
+        svc._shared.stop(drain=False)
+    svc = CaptionService(tiny_ca, "cache-aware", dispatch="shared")
+    svc._shared.stop(drain=False)
+    svc._shared = CaptionSchedulerPool(tiny_ca, "cache-aware", SchedulerConfig(
+        sample_rate=16000, idle_timeout=None, max_streams=8, max_buffer_seconds=0.1, piece_seconds=0.05))
+    try:
+        pipe = svc.pipeline(lambda e: None, 16000)
+        assert pipe.recognizer.submit(np.zeros(16000, np.float32)) and not pipe.recognizer.submit(
+            np.zeros(16000, np.float32))  # the bound is real: a second second of audio is refused
+        pipe.recognizer.close()
+        got = _run(svc, audios, frame=8000)
+    finally:
+        svc._shared.stop(drain=False)
+    assert any(_finals(w) for w in want)
+    for g, w in zip(got, want):
+        assert _finals(g) == _finals(w) and g[-1]["audio_duration"] == w[-1]["audio_duration"]
+
+
+def test_client_gone_mid_stream_does_not_stop_the_others(tiny_ca):
+    audios = _audios(3, seed=5)
+    svc = CaptionService(tiny_ca, "cache-aware", dispatch="shared")
+    try:
+        want = _run(svc, [audios[0], audios[2]])
+        got = _run(svc, audios, stop_after={1: 5})
+        assert svc._shared.scheduler.open_streams == 0
+    finally:
+        svc._shared.stop(drain=False)
+    assert _finals(got[0]) == _finals(want[0]) and _finals(got[2]) == _finals(want[1])
