@@ -98,6 +98,10 @@ class CaptionPipeline:
     # ------------------------------------------------------------------ capture side (any thread)
     def push(self, data: np.ndarray | bytes) -> None:
         """Queue captured audio: float/int array [n] or [n, channels] at the input rate, or raw bytes (``encoding``)."""
+        self._q.put(self._arrived(data))
+
+    def _arrived(self, data: np.ndarray | bytes) -> np.ndarray:
+        """Decode pushed audio to float samples and note its wall-clock arrival (latency accounting)."""
         if self._closed:
             raise RuntimeError("pipeline closed")
         if isinstance(data, (bytes, bytearray, memoryview)):
@@ -113,7 +117,7 @@ class CaptionPipeline:
             self._pushed_samples += data.shape[0]
             self._arrival_t.append(self._pushed_samples / self.opts.dsp.sample_rate)
             self._arrival_wall.append(now)
-        self._q.put(data)
+        return data
 
     def close(self) -> None:
         if not self._closed:
@@ -265,21 +269,7 @@ class ScheduledCaptionPipeline(CaptionPipeline):
         return self
 
     def push(self, data: np.ndarray | bytes) -> None:
-        if self._closed:
-            raise RuntimeError("pipeline closed")
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            if self.pcm is None:
-                raise DSPError("bytes pushed but no encoding configured")
-            data = self.pcm.decode(bytes(data))
-        else:
-            data = np.asarray(data)
-            if data.dtype.kind in "iu":
-                data = data.astype(np.float32) / float(np.iinfo(data.dtype).max + 1)
-        now = self.clock()
-        with self._lock:
-            self._pushed_samples += data.shape[0]
-            self._arrival_t.append(self._pushed_samples / self.opts.dsp.sample_rate)
-            self._arrival_wall.append(now)
+        data = self._arrived(data)
         with self._audio_lock:
             y, vad_events = self.dsp.process(data)
             self._queue_endpoints(vad_events)
