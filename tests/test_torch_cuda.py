@@ -203,3 +203,19 @@ def test_reduced_precision_decoder_cpu():
 def test_bad_decoder_precision_is_refused(tiny):
     with pytest.raises(ValueError, match="decoder_precision"):
         TorchCudaTranscriber(tiny, precision="fp32", device="cpu", max_batch=2, max_seconds=2, decoder_precision="int8")
+
+
+def test_no_tf32_is_scoped():
+    """The engines' fp32 work turns cuDNN's TF32 off only while it runs (a user's own setting comes back)."""
+    from trt_asr.numerics import no_tf32, without_tf32
+
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        with no_tf32():
+            assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is True
+        assert without_tf32(lambda: torch.backends.cudnn.allow_tf32)() is False
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.transducer import Joint, LSTMState, PredictionNetwork
+from ..numerics import without_tf32
 
 
 @dataclass
@@ -80,6 +81,7 @@ class GreedyTransducerDecoder:
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
+    @without_tf32
     def __call__(self, encoded_bdt: torch.Tensor, lengths: torch.Tensor,
                  state: DecoderState | None = None) -> tuple[BatchedTokens, DecoderState]:
         """encoded [B, D, T] (NeMo layout), lengths [B] -> tokens, state after the last frame."""
@@ -145,6 +147,7 @@ class GreedyTransducerDecoder:
         return tokens, new_state
 
 
+@without_tf32  # the prediction network's cuDNN LSTM in fp32 as on the CPU (also when captured in a CUDA graph)
 def masked_label_step(s: dict, prednet, joint, batch_idx: torch.Tensor, dur_table: torch.Tensor, blank: int,
                       tdt: bool, max_symbols: int) -> None:
     """One step of ``GreedyTransducerDecoder``'s loop for every row at once, in place on static tensors, so that a

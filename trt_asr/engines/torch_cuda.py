@@ -24,6 +24,7 @@ import torch
 
 from ..decoding.greedy import BatchedTokens, masked_label_step
 from ..model.encoder import ProjectedKVCache, StreamingCache, fold_batch_norm
+from ..numerics import without_tf32
 from ..streaming.contract import cache_io, cache_names
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -147,6 +148,8 @@ class TorchCudaEngine:
             kw = {} if compile_mode == "default" else {"mode": compile_mode}
             self._window_fn = torch.compile(self._window_fn, dynamic=bool(compile_dynamic), **kw)
             self._stream_fn = torch.compile(self._stream_fn, dynamic=False, **kw)
+        # outermost (around autocast and compile): cuDNN's fp32 convs without TF32, in eager runs and at capture
+        self._window_fn, self._stream_fn = without_tf32(self._window_fn), without_tf32(self._stream_fn)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # ------------------------------------------------------------------ functions captured

@@ -16,6 +16,7 @@ import torch
 from ..model.encoder import ProjectedKVCache, StreamingCache
 from ..streaming.cache_aware import CacheAwareParams
 from ..streaming.contract import ContractChecker, cache_io
+from ..numerics import without_tf32
 
 
 class TorchEncoderEngine:
@@ -40,6 +41,7 @@ class TorchEncoderEngine:
         self.steps = 0  # only to name the chunk in contract violations; no model state is kept
 
     @torch.no_grad()
+    @without_tf32  # the fp32 reference on a GPU computes as on the CPU (cuDNN convs would use TF32)
     def step(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.checker is not None:
             self.checker.check_inputs(inputs, chunk=self.steps)
