@@ -6,6 +6,7 @@ pipeline and nothing is lost), and a client that goes away mid-stream does not s
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -120,3 +121,26 @@ def test_client_gone_mid_stream_does_not_stop_the_others(tiny_ca):
     finally:
         svc._shared.stop(drain=False)
     assert _finals(got[0]) == _finals(want[0]) and _finals(got[2]) == _finals(want[1])
+
+
+def test_stream_ended_by_the_scheduler_reports_and_ends(tiny_ca):
+    """A stream the scheduler ends on its own (here: longer than max_stream_seconds) gets an error event and an end
+    event; audio pushed after that is not an exception in the pusher's thread."""
+    svc = CaptionService(tiny_ca, "cache-aware", dispatch="shared")
+    svc._shared.stop(drain=False)
+    svc._shared = CaptionSchedulerPool(tiny_ca, "cache-aware", SchedulerConfig(
+        sample_rate=16000, idle_timeout=None, max_streams=4, max_stream_seconds=1.0))
+    try:
+        out: list[dict] = []
+        pipe = svc.pipeline(out.append, 16000, options={"vad": False})
+        audio = _audios(1, seed=7)[0]
+        for j in range(0, audio.size, 1600):
+            pipe.push(audio[j:j + 1600])
+            time.sleep(0.002)
+        pipe.close()
+        assert pipe.join(30)
+    finally:
+        svc._shared.stop(drain=False)
+    types = [e["type"] for e in out]
+    assert types[-1] == "end", types
+    assert [e["code"] for e in out if e["type"] == "error"] == ["stream_too_long"], out

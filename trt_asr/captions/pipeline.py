@@ -197,8 +197,7 @@ class CaptionPipeline:
                     self._emit(ev.end_event(self.stats.audio_seconds, len(self.state.segments), self.stats.summary()))
                     return
         except Exception as e:  # report, then end the stream
-            traceback.print_exc()
-            self._emit(ev.error_event("internal", f"{type(e).__name__}: {e}"))
+            self._emit(_error_event(e))
             self._emit(ev.end_event(self.dsp.samples_out / self.opts.dsp.target_rate, len(self.state.segments),
                                     self.stats.summary()))
         finally:
@@ -245,6 +244,16 @@ class CaptionPipeline:
             self._last_partial_nonempty = nonempty
 
 
+def _error_event(e: Exception) -> dict:
+    """A stream's own error (e.g. the scheduler ended it: ``stream_too_long``) keeps its code; anything else is
+    ``internal`` and its traceback goes to stderr."""
+    code = getattr(e, "code", None)
+    if isinstance(code, str) and code:
+        return ev.error_event(code, str(e))
+    traceback.print_exc()
+    return ev.error_event("internal", f"{type(e).__name__}: {e}")
+
+
 class ScheduledCaptionPipeline(CaptionPipeline):
     """``CaptionPipeline`` for a stream of a ``StreamScheduler`` (``CaptionSchedulerPool``), with no thread of its
     own: ``push`` runs the DSP in the caller's thread and queues the audio with the scheduler without waiting; the
@@ -286,7 +295,14 @@ class ScheduledCaptionPipeline(CaptionPipeline):
     def _submit_pending(self) -> None:
         """Hand pending audio to the scheduler as far as its inbox takes it (caller holds ``_audio_lock``)."""
         while self._pending:
-            if not self.recognizer.submit(self._pending[0]):
+            try:
+                accepted = self.recognizer.submit(self._pending[0])
+            except RuntimeError:  # the scheduler ended or closed the stream (its error event says why)
+                self._pending.clear()
+                self._ended = True
+                self.dispatcher.notify(self)
+                return
+            if not accepted:
                 return  # inbox full: retried when a step frees room (every delivery notifies the dispatcher)
             self._pending.pop(0)
 
@@ -334,8 +350,7 @@ class ScheduledCaptionPipeline(CaptionPipeline):
                 self.done.set()
         except Exception as e:  # report, then end the stream
             self._finished = True
-            traceback.print_exc()
-            self._emit(ev.error_event("internal", f"{type(e).__name__}: {e}"))
+            self._emit(_error_event(e))
             self._emit(ev.end_event(self.dsp.samples_out / self.opts.dsp.target_rate, len(self.state.segments),
                                     self.stats.summary()))
             self.done.set()
