@@ -388,9 +388,15 @@ class CaptionDispatcher:
             self._queued.add(id(pipe))
         self._q.put(pipe)
 
+    def stop(self) -> None:
+        """End the thread after the pipelines already queued (their streams should be done)."""
+        self._q.put(None)
+
     def _run(self) -> None:
         while True:
             pipe = self._q.get()
+            if pipe is None:
+                return
             with self._lock:
                 self._queued.discard(id(pipe))
             pipe._service()

@@ -945,6 +945,8 @@ class CaptionSchedulerPool:
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         self.scheduler.stop(drain=drain, timeout=timeout)
+        if self._dispatcher is not None:  # after the drain: the streams' finals have been handled
+            self._dispatcher.stop()
 
 
 class _CaptionStream:
