@@ -264,9 +264,9 @@ class ScheduledCaptionPipeline(CaptionPipeline):
 
     def __init__(self, recognizer, emit: Callable[[dict], None], options: PipelineOptions | None = None,
                  decode: Callable[[list[int]], str] | None = None, clock: Callable[[], float] = time.monotonic,
-                 dispatcher: "CaptionDispatcher | None" = None):
+                 *, dispatcher: "CaptionDispatcher"):
         super().__init__(recognizer, emit, options, decode, clock)
-        self.dispatcher = dispatcher or CaptionDispatcher.shared()
+        self.dispatcher = dispatcher
         self._audio_lock = threading.Lock()  # push (caller) vs flush (dispatcher): DSP state, pending audio
         self._pending: list[np.ndarray] = []  # DSP output the scheduler's bounded inbox did not take yet
         self._ended = False  # the recognizer was told the stream ended
@@ -364,22 +364,12 @@ class CaptionDispatcher:
     """One thread that services ``ScheduledCaptionPipeline``s when they are notified (audio to submit, events
     delivered, closed): each pipeline is queued at most once at a time and serviced in notification order."""
 
-    _shared: "CaptionDispatcher | None" = None
-    _shared_lock = threading.Lock()
-
     def __init__(self):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._queued: set[int] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="caption-dispatcher", daemon=True)
         self._thread.start()
-
-    @classmethod
-    def shared(cls) -> "CaptionDispatcher":
-        with cls._shared_lock:
-            if cls._shared is None:
-                cls._shared = cls()
-            return cls._shared
 
     def notify(self, pipe: ScheduledCaptionPipeline) -> None:
         with self._lock:
