@@ -53,10 +53,15 @@ class IncrementalDecoder:
         self._done = ""              # decode(ids[:cut]); not empty once cut > 0
         self._cut = 0
         self._tail: list[int] = []   # ids[cut:]; starts with a cut point once cut > 0
+        self._text: str | None = ""  # text as of the last extend (None: to be decoded)
 
     def extend(self, ids) -> str:
         tok = self.tok
+        n = len(self._tail)
         self._tail.extend(i for i in ids if 0 <= i < tok.vocab_size)  # decode() skips the others too
+        if len(self._tail) == n:  # nothing new (most streaming steps): the text is unchanged
+            return self.text
+        self._text = None
         for k in range(len(self._tail) - 1, 0, -1):  # the last cut point after the tail's first id
             if tok._cut_before[self._tail[k]]:
                 head = tok.sp.decode(self._tail[:k])
@@ -73,5 +78,7 @@ class IncrementalDecoder:
 
     @property
     def text(self) -> str:
-        tail = self.tok.sp.decode(self._tail) if self._tail else ""
-        return f"{self._done} {tail}" if self._done else tail
+        if self._text is None:
+            tail = self.tok.sp.decode(self._tail) if self._tail else ""
+            self._text = f"{self._done} {tail}" if self._done else tail
+        return self._text

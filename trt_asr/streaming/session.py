@@ -181,7 +181,7 @@ class StreamSession:
     def _on_step(self, result: StepResult) -> None:
         rec = self.recognizer
         self.tokens.extend(result.committed)
-        if self._text is not None:
+        if self._text is not None and result.committed:
             self._text.extend([t.id for t in result.committed])
         self.tentative = list(result.tentative)
         if result.horizon is not None:
@@ -256,6 +256,8 @@ class Recognizer:
 
     # -------------------------------------------------------------- tokens -> text and time
     def detokenize(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
         if self.tokenizer is None:
             return " ".join(str(i) for i in ids)
         return self.tokenizer.decode(ids)
