@@ -70,12 +70,34 @@ class CountingMode:
         return out
 
 
+class SplitCountingMode(CountingMode):
+    """The same, with the step split as BatchedCacheAwareMode's (``step_begin`` launches, ``step_end`` waits and
+    commits): the scheduler then delivers a step's events while the next step runs."""
+
+    def step_begin(self, streams):
+        return list(streams)
+
+    def step_end(self, handle):
+        return self.step(handle)
+
+
+_SPLIT = {"on": False}
+
+
+@pytest.fixture(autouse=True, params=["step", "step_begin/end"])
+def _mode_kind(request):
+    """Every scheduler test runs with a plain mode and with a split one (events delivered one step later)."""
+    _SPLIT["on"] = request.param != "step"
+    yield
+    _SPLIT["on"] = False
+
+
 FAKE_MODEL = SimpleNamespace(tokenizer=None, cfg=SimpleNamespace(frame_seconds=0.08,
                                                                   decoding=SimpleNamespace(model_type="tdt")))
 
 
 def fake_scheduler(**cfg):
-    mode = CountingMode()
+    mode = SplitCountingMode() if _SPLIT["on"] else CountingMode()
     return StreamScheduler(Recognizer(FAKE_MODEL, mode), SchedulerConfig(**cfg)), mode
 
 
@@ -389,6 +411,24 @@ def test_slot_pool_gather_scatter():
     pool.release(slots[0])
     assert pool.acquire() == slots[0] and pool.state["c"][slots[0]].abs().sum() == 0
     assert bucket_for(3, (1, 2, 4)) == 4 and bucket_for(9, (1, 2, 4)) == 9
+
+
+def test_slot_pool_reset_many_equals_reset():
+    """Deferred resets (a flood of new streams: one indexed copy per key) give each slot what ``reset`` gives:
+    the ``init`` rows where given, zeros elsewhere; other slots keep their state."""
+    init = {"h": torch.arange(6.0).reshape(2, 3)}
+    specs = {"h": ((2, 3), torch.float32), "c": ((4,), torch.float16), "n": ((), torch.long)}
+    a, b = SlotPool(5, specs, init=init), SlotPool(5, specs, init=init)
+    for pool in (a, b):
+        for t in pool.state.values():
+            t.fill_(7)
+    for s in (3, 1, 3):
+        a.reset(s)
+    b.reset_many([3, 1, 3])
+    for k in specs:
+        assert torch.equal(a.state[k], b.state[k]), k
+    assert torch.equal(b.state["h"][1], init["h"]) and b.state["c"][3].abs().sum() == 0
+    assert (b.state["n"][[0, 2, 4]] == 7).all()
 
 
 def test_pooled_cache_aware_mode_equals_plain():

@@ -179,13 +179,16 @@ class SlotPool:
         self._index: dict[int, torch.Tensor] = {}
         self._free = list(range(capacity - 1, -1, -1))
 
-    def acquire(self) -> int:
+    def acquire(self, reset: bool = True) -> int:
+        """A free slot, reset to the initial state (``reset=False``: the caller resets it, e.g. many at once with
+        ``reset_many`` before its next gather; a flood of new streams then costs one copy per key, not per slot)."""
         if not self._free:
             if not self.growable:
                 raise AdmissionError(f"all {self.capacity} slots are in use")
             self.grow(2 * max(self.capacity, 1))
         slot = self._free.pop()
-        self.reset(slot)
+        if reset:
+            self.reset(slot)
         return slot
 
     def grow(self, capacity: int) -> None:
@@ -213,6 +216,18 @@ class SlotPool:
                 t[slot].copy_(self.init[k])
             else:
                 t[slot].zero_()
+
+    def reset_many(self, slots: Sequence[int]) -> None:
+        """``reset`` for many slots: one indexed copy (or fill) per key."""
+        if not slots:
+            return
+        idx = torch.tensor(list(slots), dtype=torch.long).to(self.device, non_blocking=True)
+        for k, t in self.state.items():
+            init = self.init.get(k)
+            if init is not None:
+                t.index_copy_(0, idx, init.to(t.dtype).expand(len(slots), *t.shape[1:]))
+            else:
+                t.index_fill_(0, idx, 0)
 
     def _index_for(self, slots: Sequence[int]) -> tuple[int, torch.Tensor]:
         n = len(slots)
@@ -280,6 +295,9 @@ class ScheduledStream:
         self._pending_error: ErrorEvent | None = None  # sent after the finals (idle_timeout, stream_too_long)
         self.ready_since: float | None = None
         self._ready_at: float | None = None
+        self._undelivered = 0  # steps run for this stream whose events are not delivered yet
+        self._stepped_ready_at: float | None = None
+        self._stepped_taken = 0
         self.finished = False
         self.steps = 0
         # outbox
@@ -325,7 +343,8 @@ class ScheduledStream:
                 self._cond.wait(left if left is not None else 0.5)
                 self._check_open()
             self._enqueue(x)
-        sched._wake()
+            sched._work = True  # _wake() without taking the lock a second time
+            sched._wake_cond.notify_all()
         return True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -333,7 +352,7 @@ class ScheduledStream:
         for that audio are then queued). For synchronous callers (the caption pipeline's per-stream thread)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.scheduler._lock:
-            while not self.done and (self._unseen or self.ready_since is not None):
+            while not self.done and (self._unseen or self.ready_since is not None or self._undelivered):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -364,6 +383,7 @@ class ScheduledStream:
                 return
             self._ended = True
             self._ended_at = time.monotonic()
+            self.scheduler._touched[self.id] = self
         self.scheduler._wake()
 
     def close(self, reason: ErrorEvent | None = None) -> None:
@@ -450,6 +470,8 @@ class ScheduledStream:
         self.last_audio_at = time.monotonic()
         self.samples_in += x.size
         self._unseen = True
+        self.scheduler._touched[self.id] = self
+        self._inbox_samples += x.size
         piece = self.scheduler._piece_samples
         now = self.last_audio_at
         if self._inbox and self._inbox[-1].size < piece:  # coalesce small client frames
@@ -460,7 +482,6 @@ class ScheduledStream:
         for i in range(0, x.size, piece):  # split big ones (views)
             self._inbox.append(x[i:i + piece])
             self._inbox_t.append(now)
-        self._recount()
 
     def _recount(self) -> None:
         self._inbox_samples = sum(p.size for p in self._inbox)  # deque of <= buffer/piece items
@@ -534,6 +555,10 @@ class StreamScheduler:
         self._wake_cond = threading.Condition(self._lock)
         self._work = False
         self._streams: dict[int, ScheduledStream] = {}
+        # streams whose inbox, end or readiness may have changed since the last intake (under _lock): intake visits
+        # only these (O(active), not O(open)); a full pass every ``_FULL_SCAN_S`` covers the idle timeouts
+        self._touched: dict[int, ScheduledStream] = {}
+        self._next_full_scan = 0.0
         self._free_slots = list(range(c.max_streams - 1, -1, -1))
         self._next_id = 0
         self._seq = itertools.count()  # service order: ties in ready time go to the stream served longest ago
@@ -550,6 +575,10 @@ class StreamScheduler:
             self._mode_pads = "pad_to" in inspect.signature(self.mode.step).parameters
         except (TypeError, ValueError):
             self._mode_pads = False
+        # a mode with step_begin/step_end: the previous step's events are delivered during this step's device work
+        self._overlap = callable(getattr(self.mode, "step_begin", None)) and callable(getattr(self.mode, "step_end",
+                                                                                              None))
+        self._pending: list[tuple] = []  # steps run whose events are not yet delivered (worker thread only)
 
     # -------------------------------------------------------------- client API
     def open(self) -> ScheduledStream:
@@ -565,6 +594,7 @@ class StreamScheduler:
             st._order = next(self._seq)
             self._next_id += 1
             self._streams[st.id] = st
+            self._touched[st.id] = st
             self.stats.opened += 1
             self.stats.max_open = max(self.stats.max_open, len(self._streams))
         self._wake()
@@ -643,6 +673,8 @@ class StreamScheduler:
                     if not self._work and not self._stop:
                         self._wake_cond.wait(0.05)
                     self._work = False
+        with self._engine_lock:  # nothing run is left undelivered
+            self._deliver_pending()
 
     def step(self) -> int:
         """Intake + housekeeping + ONE batched step of the oldest-ready streams. Returns streams stepped (0: none
@@ -651,16 +683,31 @@ class StreamScheduler:
             now = time.monotonic()
             ready = self._intake(now)
             if not ready:
+                self._deliver_pending()
                 return 0
             ready.sort(key=lambda s: (s.ready_since, s._order))  # FIFO: oldest ready, then longest unserved
             batch = ready[: self.config.max_batch]
             self._run_batch(batch)
+            if not self._overlap:
+                self._deliver_pending()
+            with self._lock:  # they may be ready again (more audio queued), or still waiting for a step
+                for st in ready:
+                    if not st._closed:
+                        self._touched[st.id] = st
             return len(batch)
+
+    _FULL_SCAN_S = 0.25
 
     def _intake(self, now: float) -> list[ScheduledStream]:
         c = self.config
         with self._lock:
-            streams = list(self._streams.values())
+            if now >= self._next_full_scan:
+                streams = list(self._streams.values())
+                it = self._FULL_SCAN_S if c.idle_timeout is None else min(self._FULL_SCAN_S, c.idle_timeout / 4)
+                self._next_full_scan = now + it
+            else:
+                streams = list(self._touched.values())
+            self._touched.clear()
         ready = []
         for st in streams:
             if st._closed:
@@ -716,19 +763,28 @@ class StreamScheduler:
         self.stats.error(code)
 
     def _run_batch(self, batch: list[ScheduledStream]) -> None:
+        """ONE mode step for the batch. Its events are built and delivered by ``_deliver_pending``: with a mode that
+        splits its step (``step_begin`` launches the device work, ``step_end`` waits and commits), the previous
+        step's events are delivered while this step's device work runs, so per-stream host work overlaps the GPU."""
         t0 = time.perf_counter()
         states = [st.session.state for st in batch]
         # shallow snapshot: the modes replace (never mutate in place) a stream's tensors, so restoring the attribute
         # dict undoes a step that raised half-way; the retry alone is then exactly the step that failed
         saved = [_snapshot(x) for x in states]
+        failed: list[tuple[ScheduledStream, Exception]] = []
         try:
-            results = self._mode_step(states)
+            if self._overlap:
+                handle = self.mode.step_begin(states)
+                self._deliver_pending()  # the previous step's events, while the device works on this one
+                results = self.mode.step_end(handle)
+            else:
+                results = self._mode_step(states)
             if len(results) != len(states):
                 raise RuntimeError(f"mode returned {len(results)} results for {len(states)} streams")
-            failed: list[tuple[ScheduledStream, Exception]] = []
             pairs = list(zip(batch, results))
         except Exception as batch_error:  # isolate: retry one by one, only the culprits fail
-            pairs, failed = [], []
+            self._deliver_pending()
+            pairs = []
             for x, snap in zip(states, saved):
                 _restore(x, snap)
             if len(batch) == 1:
@@ -741,44 +797,61 @@ class StreamScheduler:
                         _restore(st.session.state, snap)
                         failed.append((st, e))
         dt = time.perf_counter() - t0
-        now = time.monotonic()
         s = self.stats
         s.steps += 1
         s.stepped_streams += len(batch)
         s.step_seconds.append(dt)
         s.batch_sizes.append(len(batch))
         s.busy_seconds += dt
-        for st, result in pairs:
-            st.steps += 1
-            st._order = next(self._seq)
-            try:
-                st.session._on_step(result)
-                events = st.session.poll()
-            except Exception as e:
-                failed.append((st, e))
-                continue
-            s.event_latency.append(now - (st._ready_at or now))
-            st.ready_since = None
-            if result.finished and st._pending_error is not None:
-                events.append(st._pending_error)
-            with self._lock:
-                if st._closed:  # closed by the client while it was being stepped
+        # what must be settled before the next intake: the next chunk's ready time, the samples this step took in
+        with self._lock:
+            for st, _ in pairs:
+                st._stepped_ready_at = st._ready_at
+                st._stepped_taken = st.samples_in - st._inbox_samples
+                st._undelivered += 1
+                st.steps += 1
+                st._order = next(self._seq)  # service order (fairness ties) as of this step
+                st.ready_since = None
+                st._ready_at = None
+        self._pending.append((pairs, failed, len(batch), dt))
+
+    def _deliver_pending(self) -> None:
+        """Events of the steps run so far (session bookkeeping, detokenising, delivery to the clients)."""
+        while self._pending:
+            pairs, failed, n, dt = self._pending.pop(0)
+            now = time.monotonic()
+            s = self.stats
+            for st, result in pairs:
+                try:
+                    st.session._on_step(result)
+                    events = st.session.poll()
+                except Exception as e:
+                    with self._lock:
+                        st._undelivered -= 1
+                    failed.append((st, e))
                     continue
-                overflow = len(st._events) + len(events) > self.config.max_pending_events
-                if not overflow:
-                    st.finished = bool(result.finished)  # with the events, under the lock: readers see both
-                    st.taken_at_step = st.samples_in - st._inbox_samples
-                    st._deliver(events)
-            if overflow:
-                self._close_stream(st, ErrorEvent("client_not_reading",
-                                                  f"more than {self.config.max_pending_events} unread events"))
-            elif st.finished:
-                self._release(st)
-        for st, e in failed:
-            self._close_stream(st, ErrorEvent("engine_error", f"step failed for stream {st.id}: "
-                                                              f"{type(e).__name__}: {e}"))
-        if self.on_step is not None:
-            self.on_step({"batch": len(batch), "seconds": dt, "failed": len(failed)})
+                s.event_latency.append(now - (st._stepped_ready_at or now))
+                if result.finished and st._pending_error is not None:
+                    events.append(st._pending_error)
+                with self._lock:
+                    st._undelivered -= 1
+                    if st._closed:  # closed by the client while it was being stepped
+                        continue
+                    overflow = len(st._events) + len(events) > self.config.max_pending_events
+                    if not overflow:
+                        st.finished = bool(result.finished)  # with the events, under the lock: readers see both
+                        st.taken_at_step = st._stepped_taken
+                        st._deliver(events)
+                if overflow:
+                    self._close_stream(st, ErrorEvent("client_not_reading",
+                                                      f"more than {self.config.max_pending_events} unread events"))
+                elif st.finished:
+                    self._release(st)
+            for st, e in failed:
+                self._close_stream(st, ErrorEvent("engine_error", f"step failed for stream {st.id}: "
+                                                                  f"{type(e).__name__}: {e}"))
+            if self.on_step is not None:
+                self.on_step({"batch": n, "seconds": dt, "failed": len(failed)})
 
     def _mode_step(self, states):
         if self._mode_pads:
