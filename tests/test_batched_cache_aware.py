@@ -167,6 +167,57 @@ def test_decode_block_does_not_change_tokens(tiny):
         assert got == want, block
 
 
+class _TracedMode(BatchedCacheAwareMode):
+    """Records every stream's whole device state (caches, pre-encode mel, decoder state) after each of its steps."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.traces: dict[int, tuple] = {}
+        self.step_sizes: list[int] = []
+        self.group_sizes: list[list] = []
+
+    def step_end(self, handle):  # the scheduler runs step_begin / step_end (the mode's step is the two)
+        self.step_sizes.append(len(handle[0]))
+        self.group_sizes += [g.streams for g in handle[1]]
+        out = super().step_end(handle)
+        for s in handle[0]:
+            row = torch.cat([t[s.slot].reshape(-1).double() for t in self.pool.state.values()])
+            self.traces.setdefault(id(s), (s, []))[1].append(row.clone())
+        return out
+
+    def take_by_length(self) -> dict[int, list]:
+        by_len = {s.received: rows for s, rows in self.traces.values()}
+        self.traces = {}
+        return by_len
+
+
+@pytest.mark.parametrize("dtype,bucket,max_batch", [("fp32", 4, 3), ("bf16", 4, 3), ("fp32", 2, 5)])
+def test_fixed_batch_shape_is_bitwise_batch_invariant(dtype, bucket, max_batch):
+    """One batch bucket (``buckets=(S,)``, ``bench load --fixed-batch S``): every engine call, front-end call and
+    decode loop has one shape, so a stream's state after every step is BITWISE the same whether it ran alone or
+    shared steps with other streams at other chunk indices -- also when a step holds more streams than S and runs
+    as sub-batches of S (bucket 2, steps of up to 5). (With buckets (1, 2, 4) fp32 on this CPU differs by ~1e-6:
+    GEMM kernels differ by row count; that is what breaks batched == alone at reduced precision.)"""
+    model = load_model("random:tiny-cache-aware", dtype=dtype)
+    model.cfg.preprocessor.normalize = None
+    rng = np.random.default_rng(3)
+    lengths = [16000 * 3, 16000 * 2 + 777, 9000, 16000 * 3 + 3333, 20000, 5555]
+    audios = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in lengths]
+    mode = _TracedMode(model, capacity=8, buckets=(bucket,))
+    for a in audios:
+        stream_tokens(model, [a], mode, piece_secs=0.1)
+    alone = mode.take_by_length()
+    _through_scheduler(model, mode, audios, rng, max_batch=max_batch, open_every=1)
+    batched = mode.take_by_length()
+    if max_batch > bucket:
+        assert max(len(g) for g in mode.group_sizes) == bucket and max(mode.step_sizes) > bucket
+    assert sorted(alone) == sorted(batched) == sorted(lengths)
+    for n in lengths:
+        assert len(alone[n]) == len(batched[n]) > 1, n
+        for k, (x, y) in enumerate(zip(alone[n], batched[n])):
+            assert torch.equal(x, y), (n, k, float((x - y).abs().max()))
+
+
 # ----------------------------------------------------------------------------------------------- features
 class _Recording:
     """An engine that records each step's audio_signal / length (one stream per step here)."""
@@ -348,3 +399,25 @@ def test_engine_cache_io_variant(tiny):
     mode = BatchedCacheAwareMode(tiny, params=params, engine=eng)
     assert [name for name, *_ in mode.cache_io][:2] == ["cache_last_channel_k", "cache_last_channel_v"]
     assert [_tuples(t) for t in stream_tokens(tiny, audios, mode, piece_secs=0.3)] == want
+
+
+def test_load_tool_worker_processes_and_fixed_batch(tmp_path):
+    """`bench load --in-process --processes 2 --fixed-batch 4`: K=5 streams split 3 + 2 over two worker processes
+    started together; the merged summary counts every worker's events and words, and with one batch shape each
+    worker's transcripts equal its reference pass's (checked by the workers, summed here)."""
+    import json
+
+    from trt_asr.cli import main
+
+    out = tmp_path / "s.json"
+    main(["bench", "load", "--streams", "5", "--duration", "2", "--model", "random:tiny-cache-aware", "--in-process",
+          "--mode", "cache-aware", "--chunk-ms", "160", "--left-frames", "16", "--processes", "2", "--fixed-batch", "4",
+          "--latency-budget-ms", "5000", "--drain-timeout", "30", "--summary-json", str(out)])
+    d = json.loads(out.read_text())
+    run = d["runs"][0]
+    assert d["processes"] == 2 and [p["streams"] for p in run["processes"]] == [3, 2]
+    assert run["event_latency_ms"]["n"] == sum(p["scheduler"]["stepped_streams"] for p in run["processes"]) > 5
+    assert max(p["scheduler"]["max_batch"] for p in run["processes"]) <= 4
+    assert run["transcripts_checked"] and run["reference_words"] > 0
+    assert run["duplicated_words"] == run["lost_words"] == run["n_errors"] == 0 and run["lost_audio_seconds"] == 0
+    assert d["streams_sustained"] == 5 and d["mode_params"]["buckets"] == [4]

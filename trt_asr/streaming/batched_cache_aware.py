@@ -167,8 +167,8 @@ class _GreedyLoop:
 class _Group:
     """One chunk kind's part of a step (device tensors until the step commits)."""
 
-    def __init__(self, first: bool, streams: list):
-        self.first, self.streams = first, streams
+    def __init__(self, first: bool, streams: list, part: int = 0):
+        self.first, self.streams, self.part = first, streams, part  # part: its index among the kind's sub-batches
         self.inplace = False  # its next caches live in the engine's (shared) input buffers
 
 
@@ -224,9 +224,11 @@ class BatchedCacheAwareMode:
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stage = None  # pinned [rows, width + 2] float32 staging array (and its numpy view)
         self._tokens_host = None
+        self._tokens_host_view = None
         self.cache_io = self._cache_io()
         self._cache_outputs = {out for _, out, _, _ in self.cache_io}
         self.pool = self._make_pool(capacity)
+        self._unreset: list[int] = []  # slots acquired since the last step, not yet reset
 
     # -------------------------------------------------------------- setup
     def _cache_io(self) -> list[tuple[str, str, tuple, torch.dtype]]:
@@ -260,7 +262,8 @@ class BatchedCacheAwareMode:
 
     # -------------------------------------------------------------- StreamingMode
     def new_stream(self) -> BatchedStreamState:
-        s = BatchedStreamState(self.pool.acquire())
+        s = BatchedStreamState(self.pool.acquire(reset=False))
+        self._unreset.append(s.slot)  # reset with the others before the next step gathers (one copy per key)
         s._free_slot = weakref.finalize(s, self.pool.release, s.slot)  # runs once: release(), finish or garbage
         return s
 
@@ -306,32 +309,60 @@ class BatchedCacheAwareMode:
         return n
 
     # -------------------------------------------------------------- one batched step
-    @torch.no_grad()
     def step(self, streams) -> list[StepResult]:
-        n = len(streams)
-        # chunk kinds: first-chunk rows, then later-chunk rows (one engine call per kind)
-        first_idx = [i for i, s in enumerate(streams) if s.chunks_done == 0 and not self.pad_drop]
-        later_idx = [i for i, s in enumerate(streams) if not (s.chunks_done == 0 and not self.pad_drop)]
-        order = first_idx + later_idx
-        real = self._stage_rows([streams[i] for i in order], len(first_idx))
-        x = self._stage_t[:n]
-        if self.device.type != "cpu":
-            x = x.to(self.device, non_blocking=True)
-        w = self.width
-        mel = self.mel(x[:, :w], x[:, w].long())  # [n, F, max chunk]
-        real_dev = x[:, w + 1].long()
-        mel.masked_fill_(torch.arange(mel.shape[-1], device=mel.device)[None, None, :] >= real_dev[:, None, None], 0.)
+        return self.step_end(self.step_begin(streams))
 
+    @torch.no_grad()
+    def step_begin(self, streams):
+        """Stage the batch and launch its device work (front end, engine, decode block, the tokens' D2H copy);
+        returns a handle for ``step_end``. Nothing of a stream is committed yet. One step in flight at a time."""
+        n = len(streams)
+        if self._unreset:
+            self.pool.reset_many(self._unreset)
+            self._unreset = []
+        # chunk kinds: first-chunk rows, then later-chunk rows (one engine call per kind); a kind with more streams
+        # than the largest bucket runs as sub-batches of that bucket (each its own front end, engine call and decode
+        # loop), so with one bucket every call has the same shape whatever the step's size
+        is_first = [s.chunks_done == 0 and not self.pad_drop for s in streams]
+        top = self.buckets[-1]
+        parts = []
+        for first in (True, False):
+            idx = [i for i in range(n) if is_first[i] == first]
+            parts += [(first, j // top, idx[j:j + top]) for j in range(0, len(idx), top)]
+        offsets, rows = [], 0
+        for _, _, idx in parts:  # each sub-batch's rows start a block of its bucket's size in the staging array
+            offsets.append(rows)
+            rows += bucket_for(len(idx), self.buckets)
+        order = [i for _, _, idx in parts for i in idx]
+        real = self._stage_rows([(streams[i], first, r0 + k) for (first, _, idx), r0 in zip(parts, offsets)
+                                 for k, i in enumerate(idx)], rows)
+        x_all = self._stage_t[:rows]
+        if self.device.type != "cpu":
+            x_all = x_all.to(self.device, non_blocking=True)
+        w = self.width
         groups = []
-        for first, idx, r0 in ((True, first_idx, 0), (False, later_idx, len(first_idx))):
-            if idx:
-                g = _Group(first, [streams[i] for i in idx])
-                if groups and groups[-1].inplace:  # the same bucket's cache buffers may be gathered into next
-                    prev = groups[-1]
-                    prev.out = {k: (v.clone() if k in self._cache_outputs else v) for k, v in prev.out.items()}
-                self._run_group(g, mel[r0:r0 + len(idx)], real_dev[r0:r0 + len(idx)])
-                groups.append(g)
-        host = self._tokens_to_host(groups)
+        for (first, part, idx), r0 in zip(parts, offsets):
+            # the front end runs on the sub-batch's whole bucket of rows (rows past its streams are stale or zero;
+            # nothing reads them): one shape per bucket, so a row's mel never depends on the other rows
+            x = x_all[r0:r0 + bucket_for(len(idx), self.buckets)]
+            mel = self.mel(x[:, :w], x[:, w].long())  # [rows, F, max chunk]
+            real_dev = x[:, w + 1].long()
+            mel.masked_fill_(torch.arange(mel.shape[-1], device=mel.device)[None, None, :] >= real_dev[:, None, None],
+                             0.)
+            g = _Group(first, [streams[i] for i in idx], part)
+            if groups:  # the next call may reuse the buffers holding the previous one's next caches
+                prev = groups[-1]
+                prev.out = {k: (v.clone() if k in self._cache_outputs else v) for k, v in prev.out.items()}
+            self._run_group(g, mel[:len(idx)], real_dev[:len(idx)])
+            groups.append(g)
+        return streams, groups, order, real, self._tokens_copy(groups)
+
+    @torch.no_grad()
+    def step_end(self, handle) -> list[StepResult]:
+        """Wait for ``step_begin``'s device work, then commit: pool state, host counters, tokens per stream."""
+        streams, groups, order, real, host = handle
+        n = len(streams)
+        host = self._tokens_wait(host)
         if host[:, 1].any():  # a decode block did not finish every stream: run the rest of the bound (rare)
             for g in groups:
                 g.loop.run(g.loop.bound - g.block)
@@ -378,18 +409,18 @@ class BatchedCacheAwareMode:
                 row += 1
         return out
 
-    def _stage_rows(self, streams, n_first: int) -> list[int]:
-        """Each stream's samples for its chunk's mel frames -> one row of the pinned staging array (+ its valid
-        pre-emphasised sample count and real frame count in the last two columns). Returns the real frames."""
-        n, w, hop, half = len(streams), self.width, self.hop, self.half
-        if self._stage is None or self._stage.shape[0] < n:
-            rows = bucket_for(n, self.buckets)
+    def _stage_rows(self, placed, rows: int) -> list[int]:
+        """``placed``: (stream, first chunk?, staging row). Each stream's samples for its chunk's mel frames -> its
+        row of the pinned staging array (+ its valid pre-emphasised sample count and real frame count in the last
+        two columns). Returns the real frames, in ``placed`` order."""
+        w, hop, half = self.width, self.hop, self.half
+        if self._stage is None or self._stage.shape[0] < rows:
             self._stage_t = torch.zeros(rows, w + 2, dtype=torch.float32, pin_memory=self.device.type == "cuda")
             self._stage = self._stage_t.numpy()
         stage = self._stage
         real = []
-        for i, s in enumerate(streams):
-            chunk = self.chunk[0 if i < n_first else 1]
+        for s, first, i in placed:
+            chunk = self.chunk[0 if first else 1]
             avail = s.received // hop if s.ended else ((s.received - half) // hop + 1 if s.received >= half else 0)
             k = min(chunk, max(avail - s.mel_done, 0))
             real.append(k)
@@ -428,7 +459,7 @@ class BatchedCacheAwareMode:
         g.out = out = self.engine.step(inputs, **self._engine_kw)
         enc = out["encoder_output"].to(self.model.dtype)
         t = enc.shape[-1]
-        key = (b, max(t, 1), g.first)  # one per kind: both kinds' tokens wait in their buffers for the one D2H
+        key = (b, max(t, 1), g.first, g.part)  # one per sub-batch: all wait in their buffers for the one D2H
         loop = self._loops.get(key)
         if loop is None:
             loop = self._loops[key] = _GreedyLoop(self.model, b, max(t, 1), self.device, self.use_graphs,
@@ -446,7 +477,17 @@ class BatchedCacheAwareMode:
         return out if all(t.shape[0] == b for t in out.values()) else None  # other buckets: gather then copy
 
     def _tokens_to_host(self, groups) -> np.ndarray:
-        """Every group's packed tokens in ONE device->host copy (pinned, one sync)."""
+        return self._tokens_wait(self._tokens_copy(groups))
+
+    def _tokens_wait(self, copied) -> np.ndarray:
+        if isinstance(copied, np.ndarray):
+            return copied
+        copied.synchronize()
+        return self._tokens_host_view
+
+    def _tokens_copy(self, groups):
+        """Every group's packed tokens in ONE device->host copy (pinned); returns the copy's CUDA event (or the
+        tokens themselves on the CPU). ``_tokens_wait`` waits for it."""
         parts = [g.loop.packed[:len(g.streams)] for g in groups]
         width = max(p.shape[1] for p in parts)
         if len(parts) > 1:
@@ -460,8 +501,10 @@ class BatchedCacheAwareMode:
                                                    width), dtype=torch.int32, pin_memory=True)
         dst = buf[:packed.shape[0], :width]
         dst.copy_(packed, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return dst.numpy()
+        self._tokens_host_view = dst.numpy()
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return done
 
     # -------------------------------------------------------------- warm-up
     @torch.no_grad()
@@ -469,7 +512,10 @@ class BatchedCacheAwareMode:
         """Run every batch bucket up to ``max_batch`` once (first, later and last chunks; both decode blocks), so
         the engine's and the decoder's CUDA graphs exist before timed traffic arrives."""
         audio = torch.zeros(int(seconds * self.sample_rate))
-        for b in [x for x in self.buckets if x <= bucket_for(max_batch, self.buckets)]:
+        sizes = [x for x in self.buckets if x <= bucket_for(max_batch, self.buckets)]
+        if max_batch > self.buckets[-1]:  # steps of several sub-batches: their decode loops too
+            sizes.append(max_batch)
+        for b in sizes:
             states = [self.new_stream() for _ in range(b)]
             for s in states:
                 self.push(s, audio)
