@@ -291,3 +291,66 @@ def test_full_v3_equals_nemo_buffered(v3_model):
     assert len(jumps) >= 3 and len(ref[0]) > 5
     assert ours == ref[0]
     assert jumps == [j[0] for j in ref_jumps]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fixed_batch_is_bitwise_batch_invariant(dtype):
+    """``BufferedMode(fixed_batch=3)``: every window padded to the full window, every call exactly 3 rows (steps of
+    up to 5 streams run as sub-batches), so each stream's encoder output of every step is BITWISE what it is when
+    the stream runs alone, whatever shares its step. Without it fp32 on this CPU differs by ~1e-6 (batch shape
+    and padding width change the kernels), enough to flip near-tie tokens in fp16 / bf16 on a GPU."""
+    import numpy as np
+
+    from trt_asr.streaming.buffered import BufferedMode
+    from trt_asr.streaming.scheduler import SchedulerConfig, StreamScheduler
+
+    class Traced(BufferedMode):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.traces, self.calls = {}, []
+
+        def encode(self, audio_bn, lengths_b):
+            self.calls.append(tuple(audio_bn.shape))
+            self._last = super().encode(audio_bn, lengths_b)
+            return self._last
+
+        def _step(self, streams):
+            out = super()._step(streams)
+            enc, enc_len = self._last
+            for b, s in enumerate(streams):
+                self.traces.setdefault(id(s), (s, []))[1].append(enc[b, :, :int(enc_len[b])].clone())
+            return out
+
+        def take(self):
+            by_len = {s.received: rows for s, rows in self.traces.values()}
+            self.traces = {}
+            return by_len
+
+    model = load_model("random:tiny", dtype=dtype)
+    params = dict(left_secs=0.64, chunk_secs=0.32, right_secs=0.16)
+    rng = np.random.default_rng(1)
+    lengths = [SR * 3, SR * 2 + 777, 9000, SR * 3 + 3333, 20000, 5000]
+    audios = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in lengths]
+    mode = Traced(model, **params, fixed_batch=3)
+    for a in audios:
+        stream_tokens(model, [a], mode, piece_secs=0.1)
+    alone = mode.take()
+    sched = StreamScheduler(Recognizer(model, mode), SchedulerConfig(max_streams=8, max_batch=5, idle_timeout=None))
+    streams = [sched.open() for _ in audios]
+    pos = [0] * len(audios)
+    while any(p < a.size for p, a in zip(pos, audios)):  # random piece sizes, stepping as they come
+        for i, (st, a) in enumerate(zip(streams, audios)):
+            if pos[i] < a.size:
+                k = int(rng.integers(160, 11200))
+                st.push(a[pos[i]:pos[i] + k])
+                pos[i] += k
+                if pos[i] >= a.size:
+                    st.end()
+        sched.step()
+    sched.run_until_idle()
+    batched = mode.take()
+    assert max(sched.stats.batch_sizes) > 3 and len(set(mode.calls)) == 1 and mode.calls[0][0] == 3
+    for n in lengths:
+        assert len(alone[n]) == len(batched[n]) >= (2 if n > 9000 else 1), n
+        for k, (x, y) in enumerate(zip(alone[n], batched[n])):
+            assert torch.equal(x, y), (n, k)

@@ -79,10 +79,10 @@ def register(sub) -> None:
                     help="encoder engine of the scheduler (torch-cuda: --dtype weights, CUDA graphs per batch bucket)")
     lp.add_argument("--max-batch", type=int, default=64, help="scheduler: streams per step at most")
     lp.add_argument("--fixed-batch", type=int, default=None, metavar="S",
-                    help="cache-aware batched state: every engine call runs at batch S (padded; a step of more than S "
-                    "streams, up to --max-batch, runs as sub-batches of S), so a stream's results never depend on "
-                    "which streams share its step, bitwise, in any precision (the transcript check is then exact in "
-                    "fp16/bf16 too); costs padded compute at low load")
+                    help="every encoder/decoder call runs at batch S (padded; a step of more than S streams, up to "
+                    "--max-batch, runs as sub-batches of S; buffered windows are padded to the full window), so a "
+                    "stream's results never depend on which streams share its step, bitwise, in any precision (the "
+                    "transcript check is then exact in fp16/bf16 too); costs padded compute at low load")
     lp.add_argument("--frame-ms", type=float, default=100.0, help="client frame size")
     lp.add_argument("--audio", nargs="*", default=None,
                     help="audio files to replay (default: the shipped example.wav, else synthetic speech)")
@@ -91,8 +91,8 @@ def register(sub) -> None:
     lp.add_argument("--no-check", action="store_true", help="skip the transcript comparison")
     lp.add_argument("--word-gate", type=float, default=None,
                     help="allowed (duplicated + lost) words / reference words for 'sustained'; default 0 for "
-                    "cache-aware (exact), 0.02 for buffered (fp32 GPU kernels differ by batch size, so near-tie "
-                    "tokens of a random model can flip)")
+                    "cache-aware and with --fixed-batch (exact), 0.02 for buffered (fp32 GPU kernels differ by batch "
+                    "size, so near-tie tokens of a random model can flip)")
     lp.add_argument("--max-streams", type=int, default=512, help="safety bound on K")
     lp.add_argument("--seed", type=int, default=0)
     lp.add_argument("--caption-dispatch", default="shared", choices=["shared", "thread"],
@@ -122,8 +122,10 @@ def percentiles_ms(values) -> dict:
 def mode_params(args) -> tuple[str, dict, float]:
     """(session mode name, mode params, chunk seconds)."""
     if args.mode == "buffered":
-        return "buffered", {"left_secs": args.left_secs, "chunk_secs": args.chunk_secs,
-                            "right_secs": args.right_secs}, args.chunk_secs
+        params = {"left_secs": args.left_secs, "chunk_secs": args.chunk_secs, "right_secs": args.right_secs}
+        if getattr(args, "fixed_batch", None):  # BufferedMode: full-size windows, calls of exactly S rows
+            params["fixed_batch"] = args.fixed_batch
+        return "buffered", params, args.chunk_secs
     frames = max(1, int(round(args.chunk_ms / 80.0)))
     params = {"chunk_size": frames, "att_context_size": [args.left_frames, frames - 1], "allow_inexact": True}
     if getattr(args, "fixed_batch", None):  # BatchedCacheAwareMode: one batch bucket
@@ -720,8 +722,10 @@ def run_load(args) -> int:
             return 2
         return run_load_processes(args, ks)
     if args.fixed_batch is not None:
-        if args.fixed_batch < 1 or args.mode != "cache-aware" or cache_aware_state(args, "cache_aware") != "batched":
-            print("error: --fixed-batch S (S >= 1) is for --mode cache-aware with the batched state", file=sys.stderr)
+        if args.fixed_batch < 1 or (args.mode == "cache-aware"
+                                    and cache_aware_state(args, "cache_aware") != "batched"):
+            print("error: --fixed-batch S needs S >= 1 (and for --mode cache-aware the batched state)",
+                  file=sys.stderr)
             return 2
         args.max_batch = max(args.max_batch, args.fixed_batch)
     if args.url and not args.url.startswith(("ws://127.0.0.1", "ws://localhost", "ws://[::1]")):
@@ -782,7 +786,8 @@ def run_load(args) -> int:
                     lost_words += l
                 checked = True
             p99 = r["latency"]["p99"]
-            gate = args.word_gate if args.word_gate is not None else (0.0 if mode == "cache_aware" else 0.02)
+            gate = args.word_gate if args.word_gate is not None else (
+                0.0 if mode == "cache_aware" or args.fixed_batch else 0.02)  # one batch shape: exact in any precision
             words_ok = (dup + lost_words) <= gate * max(ref_words, 1)
             sustained = (not r["errors"] and r["lost_audio_seconds"] < 1e-3 and p99 is not None
                          and p99 <= budget_s * 1000 and words_ok)

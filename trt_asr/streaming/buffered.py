@@ -70,7 +70,8 @@ class BufferedStream:
     """Per-stream state. Sample counts are absolute (since the stream started) unless named ``ctx_*``."""
 
     def __init__(self):
-        self.audio = torch.zeros(0)  # samples [audio_start, received)
+        self.audio = torch.zeros(0)  # samples [audio_start, received - pending samples)
+        self.pending: list[torch.Tensor] = []  # pushed pieces not yet joined to ``audio`` (joined once per step)
         self.audio_start = 0
         self.received = 0
         self.ended = False
@@ -94,7 +95,7 @@ class BufferedMode:
 
     def __init__(self, model, left_secs: float = 10.0, chunk_secs: float = 2.0, right_secs: float = 2.0, *,
                  keep_last_partial_frame: bool = True, seam: str = "nemo", overlap_frames: int | None = None,
-                 config: BufferedConfig | None = None, engine=None, decoder=None):
+                 config: BufferedConfig | None = None, engine=None, decoder=None, fixed_batch: int | None = None):
         if seam not in self.SEAMS:
             raise ValueError(f"seam={seam!r}; known: {', '.join(self.SEAMS)}")
         self.model = model
@@ -105,6 +106,13 @@ class BufferedMode:
                                                       keep_last_partial_frame,
                                                       overlap_frames if seam == "redecode" else 0)
         self.engine = engine
+        # one shape for every encoder / decoder call: windows padded to the full window, batches of exactly
+        # fixed_batch rows (more streams: several calls), so a stream's tokens never depend on the other streams
+        # of its step, bitwise, in any precision (otherwise kernels differ by batch shape: fp32 noise, but enough to
+        # flip near-tie tokens in fp16 / bf16)
+        if fixed_batch is not None and fixed_batch < 1:
+            raise ValueError(f"fixed_batch must be >= 1, not {fixed_batch}")
+        self.fixed_batch = fixed_batch
         self.sample_rate = model.cfg.sample_rate
         self.frame_seconds = model.cfg.frame_seconds
         self.samples_per_frame = model.cfg.preprocessor.hop_length * model.cfg.encoder.subsampling_factor
@@ -123,8 +131,16 @@ class BufferedMode:
         return BufferedStream()
 
     def push(self, stream: BufferedStream, pcm: torch.Tensor) -> None:
-        stream.audio = torch.cat((stream.audio, pcm.to(torch.float32)))
+        # appended, not concatenated: a 14 s buffer copied on every 100 ms push would cost O(buffer) per push
+        stream.pending = [*stream.pending, pcm.to(torch.float32)]  # a new list: a failed step's restore stays exact
         stream.received += pcm.numel()
+
+    @staticmethod
+    def _joined(s: BufferedStream) -> torch.Tensor:
+        if s.pending:
+            s.audio = torch.cat((s.audio, *s.pending))
+            s.pending = []
+        return s.audio
 
     def end(self, stream: BufferedStream) -> None:
         stream.ended = True
@@ -157,7 +173,7 @@ class BufferedMode:
         s.ctx_left = max(s.ctx_left - extra, 0)
         total = s.ctx_left + s.ctx_chunk + s.ctx_right
         start = right_sample - total
-        window = s.audio[start - s.audio_start: right_sample - s.audio_start]
+        window = self._joined(s)[start - s.audio_start: right_sample - s.audio_start]
         s.left_sample = right_sample
         # later windows never start before this one (the left context only grows or slides forward)
         s.audio = s.audio[start - s.audio_start:]
@@ -175,40 +191,53 @@ class BufferedMode:
 
     @torch.no_grad()
     def step(self, streams: Sequence[BufferedStream]) -> list[StepResult]:
+        S = self.fixed_batch
+        if S is None:
+            return self._step(list(streams))
+        streams = list(streams)
+        return [r for i in range(0, len(streams), S) for r in self._step(streams[i:i + S])]
+
+    def _step(self, streams: list[BufferedStream]) -> list[StepResult]:
         device = self.model.device
         spf = self.samples_per_frame
+        n = len(streams)
         windows, lasts = zip(*(self._advance(s) for s in streams))
-        lengths_b = torch.tensor([w.numel() for w in windows], dtype=torch.long)
-        audio_bn = torch.zeros(len(streams), max(int(lengths_b.max()), 1))
+        rows = self.fixed_batch or n  # fixed_batch: rows past n repeat row 0 (computed, never read)
+        pad = [0] * (rows - n)
+        lengths_b = torch.tensor([w.numel() for w in windows] + [windows[0].numel()] * len(pad), dtype=torch.long)
+        width = self.left + self.chunk + self.right if self.fixed_batch else max(int(lengths_b.max()), 1)
+        audio_bn = torch.zeros(rows, width)
         for b, w in enumerate(windows):
             audio_bn[b, : w.numel()] = w
+        audio_bn[n:] = audio_bn[0]
         enc_bdt, enc_len = self.encode(audio_bn.to(device), lengths_b.to(device))
         enc_len = enc_len.cpu()
 
-        left_f = torch.tensor([s.ctx_left // spf for s in streams])
-        chunk_f = torch.tensor([s.ctx_chunk // spf for s in streams])
-        last = torch.tensor(lasts)
+        left_f = torch.tensor([s.ctx_left // spf for s in streams] + [streams[0].ctx_left // spf] * len(pad))
+        chunk_f = torch.tensor([s.ctx_chunk // spf for s in streams] + [streams[0].ctx_chunk // spf] * len(pad))
+        last = torch.tensor(list(lasts) + [lasts[0]] * len(pad))
         if self.cfg.keep_last_partial_frame:
             chunk_f = torch.where(last, (enc_len - left_f).clamp(min=0), chunk_f)
         chunk_f = torch.minimum(chunk_f, (enc_len - left_f).clamp(min=0))
         # seam="redecode": decoding resumes where the previous step stopped committing (``redecode`` frames before
         # this chunk, decoded there with only the right context); this step leaves its own last ``overlap`` chunk
         # frames tentative, except at the end. overlap 0 (seam="nemo") is NeMo's loop.
-        redecode = torch.tensor([s.redecode for s in streams])
+        redecode = torch.tensor([s.redecode for s in streams] + [streams[0].redecode] * len(pad))
         start_f = left_f - redecode
         overlap = torch.where(last, 0, torch.minimum(chunk_f, torch.tensor(self.cfg.overlap_frames)))
         commit_f = redecode + chunk_f - overlap
         tail_f = torch.where(last, 0, (enc_len - start_f - commit_f).clamp(min=0))
 
         state = DecoderState.stack([s.decoder_state if s.decoder_state is not None
-                                    else self.decoder.initial_state(1, device, enc_bdt.dtype) for s in streams])
+                                    else self.decoder.initial_state(1, device, enc_bdt.dtype)
+                                    for s in streams + [streams[0]] * len(pad)])
         chunk_tokens, state = self.decoder(_frames(enc_bdt, start_f, commit_f), commit_f.to(device), state)
         # tentative tail: the overlap and right-context frames, decoded from (a copy of) the state after the commit
         if int(tail_f.max()) > 0:
             tail_tokens, _ = self.decoder(_frames(enc_bdt, start_f + commit_f, tail_f), tail_f.to(device), state)
             tails = tail_tokens.to_lists()
         else:
-            tails = [[] for _ in streams]
+            tails = [[] for _ in range(rows)]
 
         results = []
         for b, (s, committed, tail) in enumerate(zip(streams, chunk_tokens.to_lists(), tails)):
@@ -219,7 +248,7 @@ class BufferedMode:
             s.finished = lasts[b]
             s.steps += 1
             if s.finished:
-                s.audio = torch.zeros(0)
+                s.audio, s.pending = torch.zeros(0), []
             results.append(StepResult(
                 committed=[Token(label, start + frame, dur) for label, frame, dur in committed],
                 tentative=[Token(label, s.frames_decoded + frame, dur) for label, frame, dur in tail],
