@@ -160,11 +160,13 @@ def test_tiny_equals_nemo_buffered(tiny, n):
 
 
 @pytest.mark.nemo
+@pytest.mark.parametrize("decode_loop", [False, True])
 @pytest.mark.parametrize("n", [int(4.37 * SR), 9 * 5 * SPF + 4 * SPF])
-def test_rnnt_equals_nemo_buffered(tiny_rnnt, n):
+def test_rnnt_equals_nemo_buffered(tiny_rnnt, n, decode_loop):
     a = audio(samples=n, seed=n + 1)
     ref, _ = nemo_buffered(tiny_rnnt, [a], **CTX)
-    ours, jumps = ours_streamed(tiny_rnnt, a, piece_secs=0.13, keep_last_partial_frame=False, seam="nemo", **CTX)
+    ours, jumps = ours_streamed(tiny_rnnt, a, piece_secs=0.13, keep_last_partial_frame=False, seam="nemo",
+                                decode_loop=decode_loop, **CTX)
     assert len(ours) > 10 and ours == ref[0] and set(jumps) == {0}
 
 
@@ -183,11 +185,13 @@ def test_tiny_nemo_batch_of_equal_lengths(tiny):
 
 
 @pytest.mark.nemo
-def test_v3_dims_equal_nemo_with_seam_crossing_jumps(v3_small):
+@pytest.mark.parametrize("decode_loop", [False, True])  # True: GreedyLoop's static buffers (CUDA graphs on a GPU)
+def test_v3_dims_equal_nemo_with_seam_crossing_jumps(v3_small, decode_loop):
     a = audio(samples=int(6.1 * SR), seed=3)
     ctx = dict(left_secs=1.6, chunk_secs=0.8, right_secs=0.8)
     ref, ref_jumps = nemo_buffered(v3_small, [a], **ctx)
-    ours, jumps = ours_streamed(v3_small, a, piece_secs=0.25, keep_last_partial_frame=False, seam="nemo", **ctx)
+    ours, jumps = ours_streamed(v3_small, a, piece_secs=0.25, keep_last_partial_frame=False, seam="nemo",
+                                decode_loop=decode_loop, **ctx)
     assert len(ref[0]) > 10
     assert ours == ref[0]
     assert jumps == [j[0] for j in ref_jumps]
@@ -238,6 +242,41 @@ def test_redecode_seam_commits_no_jump_past_the_chunk_end(tiny):
     # overlap 0 is NeMo's loop
     assert steps_of(tiny, a, 0.2, seam="redecode", overlap_frames=0, **CTX)[0] == nemo
     assert steps_of(tiny, a, 0.2, **CTX)[0] == nemo  # the default is NeMo's loop
+
+
+@pytest.mark.parametrize("fixed_batch", [None, 4])
+def test_decode_loop_equals_decoder_with_batches_and_tails(tiny, fixed_batch):
+    """GreedyLoop decoding (static buffers, frames rounded up to 8, padding rows inactive, a block then the rest of
+    the bound) gives every event of every stream -- committed and tentative tokens, horizons -- exactly as the
+    batched decoder does, over ragged streams sharing steps (seam="redecode": tails and re-decoded overlaps)."""
+    auds = [audio(samples=n, seed=n) for n in (int(3.3 * SR), 40 * SPF, 7 * SPF + 33, int(5.1 * SR), 9000, 3000)]
+
+    def events(decode_loop):
+        rec = Recognizer(tiny, "buffered", seam="redecode", fixed_batch=fixed_batch, decode_loop=decode_loop,
+                         max_batch=6, **CTX)
+        sessions = [rec.open() for _ in auds]
+        out = [[] for _ in auds]
+        for pos in range(0, max(a.numel() for a in auds) + SR, 2000):
+            for s, a in zip(sessions, auds):
+                if pos < a.numel():
+                    s.feed(a[pos:pos + 2000], step=False)
+                elif not s.finished:
+                    s.finish(step=False)
+            rec.run()
+            for s, o in zip(sessions, out):
+                o += [(triples(e.committed), triples(e.tentative), e.final) for e in s.poll()]
+        assert all(s.finished for s in sessions)
+        return out, rec.mode
+
+    ref, _ = events(False)
+    got, mode = events(True)
+    assert got == ref and sum(len(c) for o in ref for c, _, _ in o) > 30 and any(t for o in ref for _, t, _ in o)
+    assert mode._loops and all(key[2] % 8 == 0 for key in mode._loops)
+    from trt_asr.streaming.buffered import BufferedMode
+
+    warm = BufferedMode(tiny, fixed_batch=3, decode_loop=True, **CTX)
+    warm.warmup(max_batch=8)  # fixed batch: 3 rows whatever max_batch; a full window's commit and tail loops
+    assert {(role, rows) for role, rows, _ in warm._loops} == {("commit", 3), ("tail", 3)}
 
 
 def test_redecode_overlap_is_capped_by_chunk_and_left_context(tiny):
@@ -311,15 +350,12 @@ def test_fixed_batch_is_bitwise_batch_invariant(dtype):
 
         def encode(self, audio_bn, lengths_b):
             self.calls.append(tuple(audio_bn.shape))
-            self._last = super().encode(audio_bn, lengths_b)
-            return self._last
+            return super().encode(audio_bn, lengths_b)
 
-        def _step(self, streams):
-            out = super()._step(streams)
-            enc, enc_len = self._last
+        def _decode_part(self, streams, lasts, enc_bdt, enc_len):
             for b, s in enumerate(streams):
-                self.traces.setdefault(id(s), (s, []))[1].append(enc[b, :, :int(enc_len[b])].clone())
-            return out
+                self.traces.setdefault(id(s), (s, []))[1].append(enc_bdt[b, :, :int(enc_len[b])].clone())
+            return super()._decode_part(streams, lasts, enc_bdt, enc_len)
 
         def take(self):
             by_len = {s.received: rows for s, rows in self.traces.values()}

@@ -334,13 +334,15 @@ def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float
     errors: list[str] = []
     refused_pushes = 0
     gpu = GPUSampler(args.device)
+    # the send schedule before the clock starts (K x frames tuples: seconds at K = 1,000, which would otherwise
+    # arrive as a burst)
+    pending = sorted((offsets[i] + j * args.frame_ms / 1000, i, j) for i in range(k) for j in range(n_frames[i]))
     sched.start()
     t0 = time.monotonic() + 0.2
     if getattr(args, "barrier", None):  # --processes: every worker starts its streams at the same moment
         t0 = _wait_barrier(args.barrier)
     sent = [0] * k
     with gpu:
-        pending = sorted((offsets[i] + j * args.frame_ms / 1000, i, j) for i in range(k) for j in range(n_frames[i]))
         backlog: list = []
         deadline_total = t0 + args.duration + chunk_s + args.drain_timeout
         for when, i, j in pending:
@@ -762,6 +764,13 @@ def run_load(args) -> int:
                     mode_obj.warmup(min(args.max_batch, max(ks)))
                     print(f"batched cache-aware mode warmed up in {time.monotonic() - t_warm:.1f} s",
                           file=sys.stderr, flush=True)
+            elif mode == "buffered" and args.in_process:
+                # one mode object too: the reference pass captures its decode loops' CUDA graphs before timing
+                from ..streaming.buffered import BufferedMode
+
+                mode_obj = BufferedMode(model, **params)
+                if model.device.type == "cuda":
+                    mode_obj.warmup(args.max_batch)
         if proc is not None:
             _wait_healthy(proc, url, server_log)
         for k in ks:

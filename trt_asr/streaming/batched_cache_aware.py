@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 import weakref
 
 import numpy as np
 import torch
 
-from ..decoding.greedy import masked_label_step
+from ..decoding.greedy import GreedyLoop
 from .cache_aware import CacheAwareParams, initial_caches
 from .frontend import BatchedLogMel
 from .scheduler import SlotPool, bucket_for
@@ -60,108 +59,6 @@ class BatchedStreamState:
         self.mel_done = 0       # mel frames stepped
         self.chunks_done = 0
         self.frames_done = 0    # encoder frames emitted (absolute token frames)
-
-
-class _GreedyLoop:
-    """Static buffers of the batched greedy TDT/RNNT loop for one (batch bucket, encoder frames) shape.
-
-    ``run(n)`` does n uniform steps of ``GreedyTransducerDecoder`` (the same arithmetic, so the same tokens) on
-    the carried state, then packs [count, active, labels, frames, durations] per row into ``packed`` for one D2H
-    copy. On CUDA each n is one CUDA graph. Steps past a row's end are no-ops (masked), so a fixed n is exact."""
-
-    def __init__(self, model, batch: int, frames: int, device, use_graph: bool, graph_pool=None):
-        d = model.cfg.decoding
-        self.prednet, self.joint = model.decoder, model.joint
-        self.blank = self.prednet.blank_id
-        self.tdt = d.model_type == "tdt"
-        self.max_symbols = d.max_symbols
-        self.B, self.T = batch, frames
-        # per frame at most max_symbols steps (then a blank, a duration or the forced advance moves t on): the loop
-        # is done after T * max_symbols steps whatever the labels, and emits fewer than cap tokens
-        self.bound = frames * self.max_symbols
-        self.cap = self.bound + 1
-        dt = model.dtype
-        J = self.joint.enc.out_features
-        H, Lr = self.prednet.cfg.pred_hidden, self.prednet.cfg.pred_rnn_layers
-
-        def z(*shape, dtype=torch.long):
-            return torch.zeros(*shape, dtype=dtype, device=device)
-        self.f, self.lengths, self.t, self.active = z(batch, frames, J, dtype=dt), z(batch), z(batch), z(batch)
-        self.h, self.c, self.g = z(Lr, batch, H, dtype=dt), z(Lr, batch, H, dtype=dt), z(batch, J, dtype=dt)
-        self.last_label, self.counts = z(batch), z(batch)
-        self.labels, self.frames, self.durs = z(batch, self.cap), z(batch, self.cap), z(batch, self.cap)
-        self.last_emit_frame, self.emits_at_frame = z(batch), z(batch)
-        self.packed = z(batch, 2 + 3 * self.cap, dtype=torch.int32)
-        self.batch_idx = torch.arange(batch, device=device)
-        self.dur_table = torch.tensor(list(d.durations) if self.tdt else [0], dtype=torch.long, device=device)
-        self.use_graph, self.graph_pool = use_graph, graph_pool
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-
-    def load(self, f_btj: torch.Tensor, lengths: torch.Tensor, n: int, state: dict) -> None:
-        """A chunk's projected encoder frames and the gathered decoder state; rows >= n are padding (inactive)."""
-        b, t = f_btj.shape[:2]
-        self.f[:, :t].copy_(f_btj)
-        self.f[:, t:].zero_()
-        self.lengths.copy_(lengths)
-        self.lengths[n:].zero_()
-        self.h.copy_(state["h"].transpose(0, 1))
-        self.c.copy_(state["c"].transpose(0, 1))
-        self.g.copy_(state["pred_out"])
-        self.last_label.copy_(state["last_label"])
-        self.t.copy_(state["time_jump"])
-        self.active.copy_(self.t < self.lengths)
-        self.counts.zero_()
-        self.last_emit_frame.fill_(-1)
-        self.emits_at_frame.zero_()
-
-    def next_state(self) -> dict:
-        return {"h": self.h.transpose(0, 1), "c": self.c.transpose(0, 1), "pred_out": self.g,
-                "last_label": self.last_label, "time_jump": self.t - self.lengths}
-
-    def _steps(self, n: int, until_done: bool = False) -> None:
-        s = {k: getattr(self, k) for k in ("f", "lengths", "t", "active", "h", "c", "g", "labels", "frames", "durs",
-                                           "counts", "emits_at_frame", "last_emit_frame", "last_label")}
-        for _ in range(n):
-            if until_done and not bool(self.active.any()):  # CPU: looking is free, so stop when all are done
-                break
-            masked_label_step(s, self.prednet, self.joint, self.batch_idx, self.dur_table, self.blank, self.tdt,
-                              self.max_symbols)
-        p, cap = self.packed, self.cap
-        p[:, 0].copy_(self.counts)
-        p[:, 1].copy_(self.active)
-        p[:, 2:2 + cap].copy_(self.labels)
-        p[:, 2 + cap:2 + 2 * cap].copy_(self.frames)
-        p[:, 2 + 2 * cap:].copy_(self.durs)
-
-    def run(self, n: int) -> None:
-        if n <= 0:
-            return
-        if not self.use_graph:
-            self._steps(n, until_done=self.f.device.type == "cpu")
-            return
-        graph = self._graphs.get(n)
-        if graph is None:  # capture on the current (loaded) buffers: warm-up on a side stream, then reload them
-            saved = {k: v.clone() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-            try:
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    self._steps(n)
-                torch.cuda.current_stream().wait_stream(s)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.graph_pool):
-                    self._steps(n)
-            except RuntimeError as e:  # a safety net: the same steps eagerly (slower, same tokens)
-                warnings.warn(f"greedy loop CUDA graph capture failed ({e}); running it eagerly", stacklevel=2)
-                self.use_graph = False
-                graph = None
-            for k, v in saved.items():
-                getattr(self, k).copy_(v)
-            if graph is None:
-                self._steps(n)
-                return
-            self._graphs[n] = graph
-        graph.replay()
 
 
 class _Group:
@@ -220,7 +117,7 @@ class BatchedCacheAwareMode:
         self.use_graphs = use_graphs
         self.decode_block = decode_block
         self._enc_frames: dict[tuple[int, bool], int] = {}
-        self._loops: dict[tuple, _GreedyLoop] = {}
+        self._loops: dict[tuple, GreedyLoop] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stage = None  # pinned [rows, width + 2] float32 staging array (and its numpy view)
         self._tokens_host = None
@@ -462,7 +359,7 @@ class BatchedCacheAwareMode:
         key = (b, max(t, 1), g.first, g.part)  # one per sub-batch: all wait in their buffers for the one D2H
         loop = self._loops.get(key)
         if loop is None:
-            loop = self._loops[key] = _GreedyLoop(self.model, b, max(t, 1), self.device, self.use_graphs,
+            loop = self._loops[key] = GreedyLoop(self.model, b, max(t, 1), self.device, self.use_graphs,
                                                   self._graph_pool)
         loop.load(self.model.joint.project_encoder(enc.transpose(1, 2)), out["encoded_lengths"], n, st)
         g.loop, g.block = loop, self._block(loop)
@@ -527,7 +424,7 @@ class BatchedCacheAwareMode:
         for loop in self._loops.values():
             loop.run(loop.bound - self._block(loop))
 
-    def _block(self, loop: _GreedyLoop) -> int:
+    def _block(self, loop: GreedyLoop) -> int:
         """Greedy steps before the host looks: a chunk of T frames usually needs T blanks plus a few labels (on
         the CPU the loop stops by itself when every row is done, so the whole bound is one block)."""
         if self.decode_block is None and self.device.type == "cpu":

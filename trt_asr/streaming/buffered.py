@@ -36,11 +36,13 @@ at a chunk boundary takes NeMo's last-chunk path. Timestamps are absolute encode
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from ..decoding.greedy import DecoderState
+from ..decoding.greedy import DecoderState, GreedyLoop
 from .session import StepResult, Token
 
 
@@ -70,8 +72,8 @@ class BufferedStream:
     """Per-stream state. Sample counts are absolute (since the stream started) unless named ``ctx_*``."""
 
     def __init__(self):
-        self.audio = torch.zeros(0)  # samples [audio_start, received - pending samples)
-        self.pending: list[torch.Tensor] = []  # pushed pieces not yet joined to ``audio`` (joined once per step)
+        self.audio = torch.zeros(0)  # samples [audio_start, received - pending samples), on the model's device
+        self.pending: list[torch.Tensor] = []  # pushed pieces (host) not yet in ``audio`` (uploaded once per step)
         self.audio_start = 0
         self.received = 0
         self.ended = False
@@ -95,7 +97,8 @@ class BufferedMode:
 
     def __init__(self, model, left_secs: float = 10.0, chunk_secs: float = 2.0, right_secs: float = 2.0, *,
                  keep_last_partial_frame: bool = True, seam: str = "nemo", overlap_frames: int | None = None,
-                 config: BufferedConfig | None = None, engine=None, decoder=None, fixed_batch: int | None = None):
+                 config: BufferedConfig | None = None, engine=None, decoder=None, fixed_batch: int | None = None,
+                 decode_loop: bool | None = None):
         if seam not in self.SEAMS:
             raise ValueError(f"seam={seam!r}; known: {', '.join(self.SEAMS)}")
         self.model = model
@@ -113,12 +116,34 @@ class BufferedMode:
         if fixed_batch is not None and fixed_batch < 1:
             raise ValueError(f"fixed_batch must be >= 1, not {fixed_batch}")
         self.fixed_batch = fixed_batch
+        self._initial: dict[tuple, DecoderState] = {}
+        # decode_loop: greedy decoding in GreedyLoop's static buffers (one CUDA graph per shape; the same arithmetic
+        # as the decoder, so the same tokens), the host looking once per block instead of every 16 symbol steps
+        # (default: on CUDA with the model's own decoder, unless TRT_ASR_DECODE_GRAPHS=0)
+        if decode_loop is None:
+            decode_loop = (model.device.type == "cuda" and decoder is None
+                           and os.environ.get("TRT_ASR_DECODE_GRAPHS", "1") != "0")
+        self.decode_loop = decode_loop
+        self._loops: dict[tuple, GreedyLoop] = {}
+        self._graph_pool = None
         self.sample_rate = model.cfg.sample_rate
         self.frame_seconds = model.cfg.frame_seconds
         self.samples_per_frame = model.cfg.preprocessor.hop_length * model.cfg.encoder.subsampling_factor
         spf = self.samples_per_frame
         self.left, self.chunk, self.right = (self.cfg.left_frames * spf, self.cfg.chunk_frames * spf,
                                              self.cfg.right_frames * spf)
+
+    @torch.no_grad()
+    def warmup(self, max_batch: int) -> None:
+        """Silent streams (``fixed_batch`` of them, else ``max_batch``) through a first, a full and a last window, so
+        the encoder's kernels and the decode loops' CUDA graphs exist before traffic arrives."""
+        pcm = torch.zeros(self.left + 3 * self.chunk + self.right + self.samples_per_frame // 2)
+        states = [self.new_stream() for _ in range(self.fixed_batch or max_batch)]
+        for s in states:
+            self.push(s, pcm)
+            self.end(s)
+        while any(self.ready(s) for s in states):
+            self.step([s for s in states if self.ready(s)])
 
     @property
     def latency_seconds(self) -> float:
@@ -135,12 +160,25 @@ class BufferedMode:
         stream.pending = [*stream.pending, pcm.to(torch.float32)]  # a new list: a failed step's restore stays exact
         stream.received += pcm.numel()
 
-    @staticmethod
-    def _joined(s: BufferedStream) -> torch.Tensor:
-        if s.pending:
-            s.audio = torch.cat((s.audio, *s.pending))
+    def _upload(self, streams: Sequence[BufferedStream], device: torch.device) -> None:
+        """Every stream's pushed pieces -> its audio buffer on the model's device, in ONE host->device copy for the
+        whole step (windows are then cut and padded on the device: no window-sized host copies)."""
+        for s in streams:
+            if s.audio.device != device:  # a new (or finished) stream's empty buffer
+                s.audio = torch.zeros(0, device=device)
+        todo = [s for s in streams if s.pending]
+        if not todo:
+            return
+        sizes = [sum(p.numel() for p in s.pending) for s in todo]
+        pieces = [p for s in todo for p in s.pending]
+        if device.type == "cuda":  # joined straight into pinned memory: an asynchronous copy, no extra host copy
+            host = torch.empty(sum(sizes), pin_memory=True)
+            new = torch.cat(pieces, out=host).to(device, non_blocking=True)
+        else:
+            new = torch.cat(pieces)
+        for s, piece in zip(todo, new.split(sizes)):
+            s.audio = torch.cat((s.audio, piece))
             s.pending = []
-        return s.audio
 
     def end(self, stream: BufferedStream) -> None:
         stream.ended = True
@@ -173,7 +211,7 @@ class BufferedMode:
         s.ctx_left = max(s.ctx_left - extra, 0)
         total = s.ctx_left + s.ctx_chunk + s.ctx_right
         start = right_sample - total
-        window = self._joined(s)[start - s.audio_start: right_sample - s.audio_start]
+        window = s.audio[start - s.audio_start: right_sample - s.audio_start]  # _upload()ed
         s.left_sample = right_sample
         # later windows never start before this one (the left context only grows or slides forward)
         s.audio = s.audio[start - s.audio_start:]
@@ -191,28 +229,49 @@ class BufferedMode:
 
     @torch.no_grad()
     def step(self, streams: Sequence[BufferedStream]) -> list[StepResult]:
-        S = self.fixed_batch
-        if S is None:
-            return self._step(list(streams))
-        streams = list(streams)
-        return [r for i in range(0, len(streams), S) for r in self._step(streams[i:i + S])]
+        return self.step_end(self.step_begin(streams))
 
-    def _step(self, streams: list[BufferedStream]) -> list[StepResult]:
-        device = self.model.device
-        spf = self.samples_per_frame
+    # the scheduler splits a step (StreamingMode's optional step_begin / step_end): step_begin queues every
+    # part's encoder call on the device, step_end decodes; meanwhile the host delivers the previous step's events
+    @torch.no_grad()
+    def step_begin(self, streams: Sequence[BufferedStream]) -> list[dict]:
+        streams = list(streams)
+        self._upload(streams, self.model.device)
+        S = self.fixed_batch or max(len(streams), 1)
+        return [self._encode_part(streams[i:i + S]) for i in range(0, len(streams), S)]
+
+    @torch.no_grad()
+    def step_end(self, parts: list[dict]) -> list[StepResult]:
+        return [r for part in parts for r in self._decode_part(**part)]
+
+    def _encode_part(self, streams: list[BufferedStream]) -> dict:
+        """Advance each stream by one chunk and queue the encoder on its window (no host sync)."""
         n = len(streams)
         windows, lasts = zip(*(self._advance(s) for s in streams))
         rows = self.fixed_batch or n  # fixed_batch: rows past n repeat row 0 (computed, never read)
-        pad = [0] * (rows - n)
-        lengths_b = torch.tensor([w.numel() for w in windows] + [windows[0].numel()] * len(pad), dtype=torch.long)
-        width = self.left + self.chunk + self.right if self.fixed_batch else max(int(lengths_b.max()), 1)
-        audio_bn = torch.zeros(rows, width)
-        for b, w in enumerate(windows):
-            audio_bn[b, : w.numel()] = w
-        audio_bn[n:] = audio_bn[0]
-        enc_bdt, enc_len = self.encode(audio_bn.to(device), lengths_b.to(device))
-        enc_len = enc_len.cpu()
+        windows = list(windows) + [windows[0]] * (rows - n)
+        lengths = [w.numel() for w in windows]
+        width = self.left + self.chunk + self.right if self.fixed_batch else max(max(lengths), 1)
+        audio_bn = torch.nn.utils.rnn.pad_sequence(windows, batch_first=True)  # zero padding, on the device
+        if audio_bn.shape[1] < width:
+            audio_bn = torch.nn.functional.pad(audio_bn, (0, width - audio_bn.shape[1]))
+        lengths_b = torch.tensor(lengths, dtype=torch.long)
+        enc_bdt, enc_len = self.encode(audio_bn, _h2d(lengths_b, audio_bn.device))
+        return {"streams": streams, "lasts": lasts, "enc_bdt": enc_bdt, "enc_len": enc_len}
 
+    def _initial_state(self, device, dtype) -> DecoderState:
+        key = (str(device), dtype)  # shared by every new stream: the decoder never writes a state in place
+        if key not in self._initial:
+            self._initial[key] = self.decoder.initial_state(1, device, dtype)
+        return self._initial[key]
+
+    def _decode_part(self, streams: list[BufferedStream], lasts: tuple, enc_bdt: torch.Tensor,
+                     enc_len: torch.Tensor) -> list[StepResult]:
+        device = enc_bdt.device
+        spf = self.samples_per_frame
+        n, rows = len(streams), enc_bdt.shape[0]
+        pad = [0] * (rows - n)
+        enc_len = enc_len.cpu()
         left_f = torch.tensor([s.ctx_left // spf for s in streams] + [streams[0].ctx_left // spf] * len(pad))
         chunk_f = torch.tensor([s.ctx_chunk // spf for s in streams] + [streams[0].ctx_chunk // spf] * len(pad))
         last = torch.tensor(list(lasts) + [lasts[0]] * len(pad))
@@ -228,20 +287,19 @@ class BufferedMode:
         commit_f = redecode + chunk_f - overlap
         tail_f = torch.where(last, 0, (enc_len - start_f - commit_f).clamp(min=0))
 
-        state = DecoderState.stack([s.decoder_state if s.decoder_state is not None
-                                    else self.decoder.initial_state(1, device, enc_bdt.dtype)
+        initial = self._initial_state(device, enc_bdt.dtype)
+        state = DecoderState.stack([s.decoder_state if s.decoder_state is not None else initial
                                     for s in streams + [streams[0]] * len(pad)])
-        chunk_tokens, state = self.decoder(_frames(enc_bdt, start_f, commit_f), commit_f.to(device), state)
+        chunk_tokens, state = self._decode("commit", enc_bdt, start_f, commit_f, state, n)
         # tentative tail: the overlap and right-context frames, decoded from (a copy of) the state after the commit
         if int(tail_f.max()) > 0:
-            tail_tokens, _ = self.decoder(_frames(enc_bdt, start_f + commit_f, tail_f), tail_f.to(device), state)
-            tails = tail_tokens.to_lists()
+            tails, _ = self._decode("tail", enc_bdt, start_f + commit_f, tail_f, state, n)
         else:
             tails = [[] for _ in range(rows)]
 
         results = []
-        for b, (s, committed, tail) in enumerate(zip(streams, chunk_tokens.to_lists(), tails)):
-            s.decoder_state = state.select(torch.tensor([b], device=device))
+        for b, (s, committed, tail) in enumerate(zip(streams, chunk_tokens, tails)):
+            s.decoder_state = state.row(b)
             start = s.frames_decoded
             s.frames_decoded += int(commit_f[b])
             s.redecode = int(overlap[b])
@@ -255,10 +313,59 @@ class BufferedMode:
                 finished=s.finished, horizon=s.frames_decoded))
         return results
 
+    def _decode(self, role: str, enc_bdt: torch.Tensor, start_f: torch.Tensor, count_f: torch.Tensor,
+                state: DecoderState, n: int) -> tuple[list[list[tuple[int, int, int]]], DecoderState]:
+        """Greedy decoding of frames [start_f, start_f + count_f) of every row from ``state`` -> tokens per row
+        (frames relative to start_f), the state after them. Rows >= n are padding."""
+        device = enc_bdt.device
+        if not self.decode_loop:
+            tokens, state = self.decoder(_frames(enc_bdt, start_f, count_f), _h2d(count_f, device), state)
+            return tokens.to_lists(), state
+        rows = enc_bdt.shape[0]
+        frames = -(-max(int(count_f.max()), 1) // 8) * 8  # rounded up: a few loop shapes (CUDA graphs) per batch
+        key = (role, rows, frames)
+        loop = self._loops.get(key)
+        if loop is None:
+            use_graph = device.type == "cuda"
+            if use_graph and self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            loop = self._loops[key] = GreedyLoop(self.model, rows, frames, device, use_graph, self._graph_pool)
+        f_btj = self.model.joint.project_encoder(_frames(enc_bdt, start_f, count_f, frames).transpose(1, 2))
+        h, c = state.lstm
+        loop.load(f_btj, _h2d(count_f, device), n, {"h": h.transpose(0, 1), "c": c.transpose(0, 1),
+                                                   "pred_out": state.pred_out, "last_label": state.last_label,
+                                                   "time_jump": state.time_jump})
+        block = loop.bound if device.type == "cpu" else min(2 * frames + 2, loop.bound)  # T blanks + a few labels
+        loop.run(block)
+        packed = loop.packed[:n].cpu().numpy()
+        if packed[:, 1].any():  # the block did not finish every row: the rest of the bound (rare)
+            loop.run(loop.bound - block)
+            packed = loop.packed[:n].cpu().numpy()
+        nxt = loop.next_state()  # views of the loop's buffers: copied out, the next call reuses them
+        new_state = DecoderState((loop.h.clone(), loop.c.clone()), nxt["pred_out"].clone(), nxt["last_label"].clone(),
+                                 nxt["time_jump"].clone())
+        cap = loop.cap
+        out = [[] for _ in range(rows)]
+        for b in np.flatnonzero(packed[:, 0]):  # rows that emitted something
+            r, cnt = packed[b], int(packed[b, 0])
+            out[b] = list(zip(r[2:2 + cnt].tolist(), r[2 + cap:2 + cap + cnt].tolist(),
+                              r[2 + 2 * cap:2 + 2 * cap + cnt].tolist()))
+        return out, new_state
 
-def _frames(enc_bdt: torch.Tensor, start_b: torch.Tensor, count_b: torch.Tensor) -> torch.Tensor:
-    """enc[b, :, start_b : start_b + count_b] for every b, right-padded (by repeating a valid frame) -> [B, D, max]."""
-    width = max(int(count_b.max()), 1)
+
+def _h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without waiting: a pageable copy waits for all the work queued on the device, which
+    would serialise the host with the GPU (the caching host allocator keeps the pinned block until the copy ran)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _frames(enc_bdt: torch.Tensor, start_b: torch.Tensor, count_b: torch.Tensor, width: int | None = None
+            ) -> torch.Tensor:
+    """enc[b, :, start_b : start_b + count_b] for every b, right-padded (by repeating a valid frame) -> [B, D, width]
+    (default width: the largest count)."""
+    width = width or max(int(count_b.max()), 1)
     t_max = enc_bdt.shape[2]
-    idx = (start_b[:, None] + torch.arange(width)[None, :]).clamp(max=max(t_max - 1, 0)).to(enc_bdt.device)
+    idx = _h2d((start_b[:, None] + torch.arange(width)[None, :]).clamp(max=max(t_max - 1, 0)), enc_bdt.device)
     return torch.gather(enc_bdt, 2, idx[:, None, :].expand(-1, enc_bdt.shape[1], -1))

@@ -523,7 +523,7 @@ class CacheAwareMode:
             s.caches = {"cache_last_channel": out["cache_last_channel_next"][b:b + 1],
                         "cache_last_time": out["cache_last_time_next"][b:b + 1],
                         "cache_last_channel_len": out["cache_last_channel_next_len"][b:b + 1]}
-            s.decoder_state = state.select(torch.tensor([b], device=device))
+            s.decoder_state = state.row(b)
             results.append([(lab, s.frames_done + fr, d) for lab, fr, d in toks])
             s.frames_done += int(out["encoded_lengths"][b])
             s.chunks_done += 1
