@@ -35,11 +35,6 @@ class DecoderState:
     last_label: torch.Tensor  # [B], blank if nothing emitted yet
     time_jump: torch.Tensor  # [B] frames into the next chunk where decoding resumes
 
-    def select(self, index: torch.Tensor) -> "DecoderState":
-        h, c = self.lstm
-        return DecoderState((h[:, index], c[:, index]), self.pred_out[index], self.last_label[index],
-                            self.time_jump[index])
-
     def row(self, b: int) -> "DecoderState":
         """Row b as a batch of one: views (no device work), valid as long as nobody writes the batch in place
         (the decoder never does)."""
