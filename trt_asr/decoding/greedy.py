@@ -245,6 +245,15 @@ class GreedyLoop:
         self.last_emit_frame.fill_(-1)
         self.emits_at_frame.zero_()
 
+    @staticmethod
+    def row_tokens(row, cap: int) -> list[tuple[int, int, int]]:
+        """One row of ``packed`` (on the host) -> its (label, frame, duration) tokens."""
+        cnt = int(row[0])
+        if not cnt:
+            return []
+        return list(zip(row[2:2 + cnt].tolist(), row[2 + cap:2 + cap + cnt].tolist(),
+                        row[2 + 2 * cap:2 + 2 * cap + cnt].tolist()))
+
     def next_state(self) -> dict:
         return {"h": self.h.transpose(0, 1), "c": self.c.transpose(0, 1), "pred_out": self.g,
                 "last_label": self.last_label, "time_jump": self.t - self.lengths}

@@ -283,14 +283,8 @@ class BatchedCacheAwareMode:
             cap = g.loop.cap
             pre = self.pre[0 if g.first else 1]
             for s in g.streams:
-                cnt = int(host[row, 0])
-                if cnt:
-                    r, off = host[row], s.frames_done
-                    toks = [Token(lab, off + fr, d) for lab, fr, d in
-                            zip(r[2:2 + cnt].tolist(), r[2 + cap:2 + cap + cnt].tolist(),
-                                r[2 + 2 * cap:2 + 2 * cap + cnt].tolist())]
-                else:
-                    toks = []
+                off = s.frames_done
+                toks = [Token(lab, off + fr, d) for lab, fr, d in GreedyLoop.row_tokens(host[row], cap)]
                 k = real[row]
                 s.frames_done += self.encoder_frames(pre + k, g.first)
                 s.chunks_done += 1

@@ -347,9 +347,7 @@ class BufferedMode:
         cap = loop.cap
         out = [[] for _ in range(rows)]
         for b in np.flatnonzero(packed[:, 0]):  # rows that emitted something
-            r, cnt = packed[b], int(packed[b, 0])
-            out[b] = list(zip(r[2:2 + cnt].tolist(), r[2 + cap:2 + cap + cnt].tolist(),
-                              r[2 + 2 * cap:2 + 2 * cap + cnt].tolist()))
+            out[b] = GreedyLoop.row_tokens(packed[b], cap)
         return out, new_state
 
 
