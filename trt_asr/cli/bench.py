@@ -77,6 +77,10 @@ def register(sub) -> None:
                     help="cache-aware torch-cuda engine: NeMo's layer-input attention cache or projected K/V")
     lp.add_argument("--engine", default="torch", choices=["torch", "torch-cuda"],
                     help="encoder engine of the scheduler (torch-cuda: --dtype weights, CUDA graphs per batch bucket)")
+    lp.add_argument("--compile", default=None, metavar="MODE", dest="compile_mode",
+                    help="torch-cuda engine: run its encoder step through torch.compile (MODE: default, "
+                    "max-autotune-no-cudagraphs, ...) before capturing the CUDA graphs; one compilation per bucket "
+                    "shape (with --fixed-batch: one shape per chunk kind)")
     lp.add_argument("--max-batch", type=int, default=64, help="scheduler: streams per step at most")
     lp.add_argument("--fixed-batch", type=int, default=None, metavar="S",
                     help="every encoder/decoder call runs at batch S (padded; a step of more than S streams, up to "
@@ -255,17 +259,19 @@ def _streamable_features(model, mode: str) -> bool:
     return False
 
 
-def with_engine(model, mode: str, params: dict, engine: str, kv_cache: str = "layer_input") -> dict:
+def with_engine(model, mode: str, params: dict, engine: str, kv_cache: str = "layer_input",
+                compile_mode: str | None = None) -> dict:
     """Mode params plus the encoder engine object (``torch``: the mode's own reference engine). The torch-cuda
-    engine runs the model's encoder in the model's dtype, one CUDA graph per (batch bucket, shape). A ``buckets``
-    entry (``--fixed-batch``) is kept for the batched cache-aware mode."""
+    engine runs the model's encoder in the model's dtype, one CUDA graph per (batch bucket, shape), optionally
+    through ``torch.compile`` (``compile_mode``). A ``buckets`` entry (``--fixed-batch``) is kept for the batched
+    cache-aware mode."""
     if engine == "torch":
         return params
     from ..engines.torch_cuda import TorchCudaEngine
 
     prec = {torch_dtype: name for name, torch_dtype in _dtypes().items()}[model.dtype]
     if mode == "buffered":
-        eng = TorchCudaEngine(model, "window", prec, model.device, output_dtype=model.dtype)
+        eng = TorchCudaEngine(model, "window", prec, model.device, output_dtype=model.dtype, compile_mode=compile_mode)
         return {**params, "engine": eng}
     from ..streaming.cache_aware import CacheAwareParams
 
@@ -275,7 +281,7 @@ def with_engine(model, mode: str, params: dict, engine: str, kv_cache: str = "la
     # batch buckets up to 2048: BatchedCacheAwareMode steps up to --max-batch streams at once
     eng = TorchCudaEngine(model, "stream", prec, model.device, params=cp, output_dtype=model.dtype,
                           batch_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), kv_cache=kv_cache,
-                          inplace_caches=True)
+                          inplace_caches=True, compile_mode=compile_mode)
     return {"params": cp, "engine": eng, **({"buckets": params["buckets"]} if params.get("buckets") else {})}
 
 
@@ -403,6 +409,7 @@ def start_server(args, mode: str, params: dict, max_sessions: int, wait: bool = 
     port = _free_port()
     spec = {"model": args.model, "device": args.device, "dtype": args.dtype, "mode": mode, "params": params,
             "engine": getattr(args, "engine", "torch"), "kv_cache": getattr(args, "kv_cache", "layer_input"),
+            "compile_mode": getattr(args, "compile_mode", None),
             "state": cache_aware_state(args, mode) or "auto",
             "port": port, "max_sessions": max_sessions, "batching": args.server_batching,
             "dispatch": getattr(args, "caption_dispatch", "shared"),
@@ -461,7 +468,8 @@ def _serve_main() -> None:
             max_streams=spec["max_sessions"] + 2, max_batch=spec["max_batch"], idle_timeout=None,
             sample_rate=model.cfg.sample_rate), state=state, **with_engine(model, spec["mode"], spec["params"],
                                                                            spec.get("engine", "torch"),
-                                                                           spec.get("kv_cache", "layer_input")))
+                                                                           spec.get("kv_cache", "layer_input"),
+                                                                           spec.get("compile_mode")))
         mode = svc._shared.recognizer.mode
         if hasattr(mode, "warmup") and model.device.type == "cuda":  # CUDA graphs of every bucket before traffic
             mode.warmup(min(spec["max_batch"], spec["max_sessions"]))
@@ -750,7 +758,7 @@ def run_load(args) -> int:
             model = load_model(args.model, device=args.device, dtype=args.dtype)
             _streamable_features(model, mode)
             if args.engine != "torch":  # one engine (its CUDA graphs) for the references and the timed runs
-                params = with_engine(model, mode, params, args.engine, args.kv_cache)
+                params = with_engine(model, mode, params, args.engine, args.kv_cache, args.compile_mode)
             if cache_aware_state(args, mode) == "batched":
                 # one mode object for the references and every timed run: warm CUDA graphs, and the references
                 # are the same mode's (GPU mel) transcripts of each stream
@@ -844,7 +852,7 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "path": "in-process" if args.in_process else ("server:" + (args.url or "own 127.0.0.1 server")
                                                       + f" (batching: {args.server_batching})"),
         "mode": mode, "mode_params": _jsonable_params(params), "engine": getattr(args, "engine", "torch"),
-        "kv_cache": getattr(args, "kv_cache", "layer_input"),
+        "kv_cache": getattr(args, "kv_cache", "layer_input"), "compile": getattr(args, "compile_mode", None),
         "state": cache_aware_state(args, mode),
         "model": args.model or "default", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
