@@ -421,3 +421,26 @@ def test_load_tool_worker_processes_and_fixed_batch(tmp_path):
     assert run["transcripts_checked"] and run["reference_words"] > 0
     assert run["duplicated_words"] == run["lost_words"] == run["n_errors"] == 0 and run["lost_audio_seconds"] == 0
     assert d["streams_sustained"] == 5 and d["mode_params"]["buckets"] == [4]
+
+
+def test_load_tool_compile_option_reaches_the_engine_and_sends_are_never_early(tiny):
+    """`bench load --compile MODE` builds the torch-cuda engine with that torch.compile mode (buffered and
+    cache-aware); `--send-tick-ms` rounds each frame's send time up to the tick (never before its audio exists,
+    at most one tick late)."""
+    import argparse
+
+    from trt_asr.cli import bench
+
+    p = argparse.ArgumentParser()
+    bench.register(p.add_subparsers(dest="cmd"))
+    args = p.parse_args(["bench", "load", "--model", "random:tiny", "--compile", "default", "--send-tick-ms", "20"])
+    assert args.compile_mode == "default" and args.send_tick_ms == 20
+    buffered = bench.with_engine(load_model("random:tiny"), "buffered", {}, "torch-cuda", compile_mode="default")
+    assert buffered["engine"].compile_mode == "default"
+    ca = bench.with_engine(tiny, "cache_aware", {}, "torch-cuda", compile_mode="max-autotune-no-cudagraphs")
+    assert ca["engine"].compile_mode == "max-autotune-no-cudagraphs"
+    rng = np.random.default_rng(0)
+    for t in rng.uniform(0, 30, 1000):
+        sent = bench._tick_up(t, 0.02)
+        assert t <= sent < t + 0.02 + 1e-9
+    assert bench._tick_up(1.234, 0.0) == 1.234

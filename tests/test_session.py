@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trt_asr.checkpoint import load_model
 from trt_asr.model.calibrate import synthetic_audio
@@ -146,3 +148,23 @@ def test_engine_window_step_equals_model(tiny):
     engine = TorchEncoderEngine(tiny, mode="window")
     assert stream_tokens(tiny, [a], piece_secs=0.2, engine=engine, **CTX)[0] == ref
     assert engine.steps > 5
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.integers(0, 127), max_size=60), cuts=st.lists(st.integers(0, 60), max_size=12))
+def test_words_of_any_step_split_equal_the_offline_words(tiny, ids, cuts):
+    """Words completed step by step (each token looked at once, however long a word grows) == the offline
+    transcript's words of the same tokens, for any split of the tokens into steps (hypothesis)."""
+    from trt_asr.streaming.session import StepResult, Token
+    from trt_asr.transcribe import make_transcript
+
+    rec = Recognizer(tiny, "buffered", **CTX)
+    s = rec.open()
+    tokens = [Token(i, 2 * k, 1) for k, i in enumerate(ids)]
+    bounds = sorted({min(c, len(tokens)) for c in cuts} | {len(tokens)})
+    start = 0
+    for end in bounds:
+        s._on_step(StepResult(committed=tokens[start:end], tentative=[], finished=end == len(tokens)))
+        start = end
+    streamed = [w for ev in s.poll() for w in ev.words]
+    assert streamed == make_transcript(tiny, [(t.id, t.frame, t.duration) for t in tokens]).words == s.words

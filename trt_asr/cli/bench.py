@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import difflib
+import gc
 import json
 import os
 import shutil
@@ -88,6 +89,9 @@ def register(sub) -> None:
                     "stream's results never depend on which streams share its step, bitwise, in any precision (the "
                     "transcript check is then exact in fp16/bf16 too); costs padded compute at low load")
     lp.add_argument("--frame-ms", type=float, default=100.0, help="client frame size")
+    lp.add_argument("--send-tick-ms", type=float, default=10.0,
+                    help="in-process: each frame is sent at the first tick of this period after its audio exists "
+                    "(one client wake-up per tick; 0: one per frame)")
     lp.add_argument("--audio", nargs="*", default=None,
                     help="audio files to replay (default: the shipped example.wav, else synthetic speech)")
     lp.add_argument("--latency-budget-ms", type=float, default=None, help="default: the chunk duration")
@@ -304,6 +308,10 @@ def _detok(model, ids) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- in-process
+def _tick_up(t: float, tick: float) -> float:
+    return t if tick <= 0 else np.ceil(t / tick) * tick
+
+
 def run_in_process(*args, **kwargs) -> dict:
     import torch
 
@@ -342,7 +350,16 @@ def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float
     gpu = GPUSampler(args.device)
     # the send schedule before the clock starts (K x frames tuples: seconds at K = 1,000, which would otherwise
     # arrive as a burst)
-    pending = sorted((offsets[i] + j * args.frame_ms / 1000, i, j) for i in range(k) for j in range(n_frames[i]))
+    # send times rounded up to the client tick: one wake-up of this thread per tick, not one per frame (with K x 10
+    # frames a second, per-frame wake-ups would take the GIL from the scheduler thousands of times a second); audio
+    # is never sent early, and latency counts from when the scheduler received it
+    tick = max(getattr(args, "send_tick_ms", 10.0), 0.0) / 1000
+    pending = sorted((_tick_up(offsets[i] + j * args.frame_ms / 1000, tick), i, j)
+                     for i in range(k) for j in range(n_frames[i]))
+    # everything built so far (model, audio, the send schedule: K x frames tuples) is long-lived: out of the
+    # collector's reach, so a full collection during the run does not walk it (a pause in every thread)
+    gc.collect()
+    gc.freeze()
     sched.start()
     t0 = time.monotonic() + 0.2
     if getattr(args, "barrier", None):  # --processes: every worker starts its streams at the same moment
@@ -384,6 +401,7 @@ def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float
         drain_s = time.monotonic() - audio_end_wall
     received = [getattr(st.session.state, "received", None) if st.session is not None else None for st in streams]
     sched.stop(drain=False)
+    gc.unfreeze()
     if getattr(args, "latency_dump", None):
         np.save(args.latency_dump, np.asarray(sched.stats.event_latency, dtype=np.float64) * 1000.0)
     stats = sched.stats.summary()
@@ -857,7 +875,8 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "model": args.model or "default", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
         "features_normalize": (None if model is None else model.cfg.preprocessor.normalize),
-        "dtype": args.dtype, "duration_s": args.duration, "frame_ms": args.frame_ms, "max_batch": args.max_batch,
+        "dtype": args.dtype, "duration_s": args.duration, "frame_ms": args.frame_ms,
+        "send_tick_ms": getattr(args, "send_tick_ms", None), "max_batch": args.max_batch,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
         "runs": runs,
     }

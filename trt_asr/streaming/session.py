@@ -129,6 +129,7 @@ class StreamSession:
         tok = recognizer.tokenizer
         self._text = tok.incremental() if tok is not None else None  # committed text, not re-decoded every step
         self._word_from = 0  # index in self.tokens where the current (incomplete) word starts
+        self._scanned = 0  # tokens before this index were already checked for word starts
         self.horizon = 0  # encoder frames decided so far (nothing before it can change)
 
     # -------------------------------------------------------------- public
@@ -204,7 +205,11 @@ class StreamSession:
 
     def _complete_words(self, final: bool) -> list[Word]:
         rec = self.recognizer
-        starts = [i for i in range(self._word_from + 1, len(self.tokens)) if rec.starts_word(self.tokens[i].id)]
+        # tokens before _scanned were looked at by an earlier step (none of them starts a word after _word_from):
+        # each token is looked at once, however long a word gets
+        first = max(self._word_from + 1, self._scanned)
+        starts = [i for i in range(first, len(self.tokens)) if rec.starts_word(self.tokens[i].id)]
+        self._scanned = len(self.tokens)
         bounds = starts + ([len(self.tokens)] if final and self._word_from < len(self.tokens) else [])
         out = []
         for end in bounds:
