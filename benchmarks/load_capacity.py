@@ -43,6 +43,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--kv-cache", default="layer_input", choices=["layer_input", "projected"])
     ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--fixed-batch", type=int, default=None, help="bench load --fixed-batch S (exact in fp16/bf16)")
+    ap.add_argument("--compile", default=None, metavar="MODE", help="bench load --compile MODE (torch-cuda engine)")
     ap.add_argument("--ks", default=None, help="K sweep for every selected config (default: per config)")
     ap.add_argument("--state", default="auto", choices=["auto", "batched", "per-stream"],
                     help="cache-aware configs: batched (BatchedCacheAwareMode, the default) or per-stream "
@@ -67,7 +69,8 @@ def main() -> int:
                "--max-streams", str(max(512, *(int(k) for k in sweep.split(",") if k.strip()))),
                "--engine", args.engine, "--dtype", args.dtype, "--kv-cache", args.kv_cache, "--max-batch", str(args.max_batch),
                "--drain-timeout", str(args.drain_timeout), "--state", args.state, "--summary-json", str(dest),
-               *extra]
+               *(["--fixed-batch", str(args.fixed_batch)] if args.fixed_batch else []),
+               *(["--compile", args.compile] if args.compile else []), *extra]
         print("+", " ".join(cmd), file=sys.stderr, flush=True)
         try:
             subprocess.run(cmd, timeout=min(args.time_limit, left), stdout=subprocess.DEVNULL)

@@ -37,5 +37,23 @@ timeout 250 $B --dtype fp16 --compile default --fixed-batch 256 --max-batch 256 
 J)
 timeout 400 $B --dtype fp16 --compile default --fixed-batch 128 --max-batch 128 --chunk-ms 160 --processes 2 --streams 1024,1280 --summary-json $OUT/r/j_fp16_f128_mb128_160_compile_p2.json > $OUT/r/j1.log 2>&1; S $OUT/r/j_fp16_f128_mb128_160_compile_p2.json
 ;;
+K)
+timeout 230 $B --dtype fp16 --compile default --fixed-batch 256 --max-batch 256 --chunk-ms 160 --streams 896,1024 --summary-json $OUT/r/k_fp16_f256_mb256_160_compile.json > $OUT/r/k1.log 2>&1; S $OUT/r/k_fp16_f256_mb256_160_compile.json
+timeout 330 $B --dtype fp16 --compile default --fixed-batch 256 --max-batch 256 --chunk-ms 160 --processes 2 --streams 1280,1536 --summary-json $OUT/r/k_fp16_f256_mb256_160_compile_p2.json > $OUT/r/k2.log 2>&1; S $OUT/r/k_fp16_f256_mb256_160_compile_p2.json
+;;
+L)
+timeout 380 $BB --dtype fp16 --compile default --fixed-batch 128 --max-batch 128 --duration 12 --streams 1408,1536 --summary-json $OUT/r/l_buf_fp16_f128_mb128_compile.json > $OUT/r/l1.log 2>&1; S $OUT/r/l_buf_fp16_f128_mb128_compile.json
+;;
+M)
+timeout 420 $B --dtype fp16 --compile default --fixed-batch 512 --max-batch 512 --chunk-ms 160 --processes 2 --streams 1792,2048 --summary-json $OUT/r/m_fp16_f512_mb512_160_compile_p2.json > $OUT/r/m1.log 2>&1; S $OUT/r/m_fp16_f512_mb512_160_compile_p2.json
+;;
+N)
+timeout 250 $BB --dtype fp16 --compile default --fixed-batch 128 --max-batch 128 --duration 12 --streams 1792 --summary-json $OUT/r/n_buf_fp16_f128_mb128_compile.json > $OUT/r/n1.log 2>&1; S $OUT/r/n_buf_fp16_f128_mb128_compile.json
+timeout 300 $B --dtype fp16 --compile default --fixed-batch 256 --max-batch 256 --chunk-ms 160 --processes 2 --streams 1792 --summary-json $OUT/r/n_fp16_f256_mb256_160_compile_p2.json > $OUT/r/n2.log 2>&1; S $OUT/r/n_fp16_f256_mb256_160_compile_p2.json
+;;
+O)
+timeout 560 python3 -m trt_asr bench load --model random:parakeet-tdt-0.6b-v3 --device cuda --engine torch-cuda --drain-timeout 30 --mode buffered --max-streams 4096 --dtype fp16 --compile default --fixed-batch 128 --max-batch 128 --duration 12 --clients-per-process 64 --streams 512,1024 --summary-json $OUT/r/o_server_buf_fp16_f128_mb128_compile.json > $OUT/r/o1.log 2>&1; S $OUT/r/o_server_buf_fp16_f128_mb128_compile.json
+cp /tmp/trt_asr_bench_server_*.log $OUT/r/ 2>/dev/null
+;;
 esac
 for f in $OUT/r/*.log; do echo "== $f"; grep -v Warning $f | tail -4; done
