@@ -444,3 +444,7 @@ def test_load_tool_compile_option_reaches_the_engine_and_sends_are_never_early(t
         sent = bench._tick_up(t, 0.02)
         assert t <= sent < t + 0.02 + 1e-9
     assert bench._tick_up(1.234, 0.0) == 1.234
+    # bad combinations are refused with a message, before any model is loaded
+    for bad in (["--compile", "default"], ["--engine", "torch-cuda", "--send-tick-ms", "-1"]):
+        a = p.parse_args(["bench", "load", "--model", "random:tiny", "--streams", "2", *bad])
+        assert bench.run_load(a) == 2

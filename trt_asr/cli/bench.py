@@ -315,8 +315,11 @@ def _tick_up(t: float, tick: float) -> float:
 def run_in_process(*args, **kwargs) -> dict:
     import torch
 
-    with torch.no_grad():  # scoped: a global set_grad_enabled would leak into the caller (e.g. tests)
-        return _run_in_process(*args, **kwargs)
+    try:
+        with torch.no_grad():  # scoped: a global set_grad_enabled would leak into the caller (e.g. tests)
+            return _run_in_process(*args, **kwargs)
+    finally:
+        gc.unfreeze()  # _run_in_process froze what it had built before its clock (a no-op otherwise)
 
 
 def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float, mode_obj=None) -> dict:
@@ -353,7 +356,7 @@ def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float
     # send times rounded up to the client tick: one wake-up of this thread per tick, not one per frame (with K x 10
     # frames a second, per-frame wake-ups would take the GIL from the scheduler thousands of times a second); audio
     # is never sent early, and latency counts from when the scheduler received it
-    tick = max(getattr(args, "send_tick_ms", 10.0), 0.0) / 1000
+    tick = getattr(args, "send_tick_ms", 10.0) / 1000
     pending = sorted((_tick_up(offsets[i] + j * args.frame_ms / 1000, tick), i, j)
                      for i in range(k) for j in range(n_frames[i]))
     # everything built so far (model, audio, the send schedule: K x frames tuples) is long-lived: out of the
@@ -401,7 +404,6 @@ def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float
         drain_s = time.monotonic() - audio_end_wall
     received = [getattr(st.session.state, "received", None) if st.session is not None else None for st in streams]
     sched.stop(drain=False)
-    gc.unfreeze()
     if getattr(args, "latency_dump", None):
         np.save(args.latency_dump, np.asarray(sched.stats.event_latency, dtype=np.float64) * 1000.0)
     stats = sched.stats.summary()
@@ -743,6 +745,12 @@ def run_load(args) -> int:
     ks = [int(x) for x in str(args.streams).split(",") if x.strip()]
     if not ks or min(ks) < 1 or max(ks) > args.max_streams:
         print(f"error: --streams must be 1..{args.max_streams}", file=sys.stderr)
+        return 2
+    if args.compile_mode and args.engine != "torch-cuda":
+        print("error: --compile MODE is an option of the torch-cuda engine (add --engine torch-cuda)", file=sys.stderr)
+        return 2
+    if args.send_tick_ms < 0:
+        print(f"error: --send-tick-ms must be >= 0, not {args.send_tick_ms:g}", file=sys.stderr)
         return 2
     if args.processes > 1:
         if not args.in_process or min(ks) < args.processes:
