@@ -198,6 +198,14 @@ class BatchedCacheAwareMode:
         first = s.chunks_done == 0
         return s.ended or self._frames_available(s) - s.mel_done >= self.chunk[0 if first else 1]
 
+    def samples_to_ready(self, s: BatchedStreamState) -> int:
+        """More samples ``ready`` needs (0: ready, or only ``end`` can make it ready): the scheduler visits a stream
+        when its queued audio reaches this, not on every push."""
+        if s.finished or s.ended:
+            return 0
+        k = self.chunk[0 if s.chunks_done == 0 else 1]
+        return max(self.half + (s.mel_done + k - 1) * self.hop - s.received, 0)
+
     def encoder_frames(self, mel_frames: int, first: bool) -> int:
         key = (mel_frames, first)
         n = self._enc_frames.get(key)

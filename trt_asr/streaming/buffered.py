@@ -193,6 +193,12 @@ class BufferedMode:
             return True
         return s.received > self._next_right_sample(s)  # strictly: see the module docstring
 
+    def samples_to_ready(self, s: BufferedStream) -> int:
+        """More samples ``ready`` needs (0: ready, or only ``end`` can make it ready); see the scheduler."""
+        if s.finished or s.ended:
+            return 0
+        return max(self._next_right_sample(s) + 1 - s.received, 0)
+
     # -------------------------------------------------------------- one batched step
     def _advance(self, s: BufferedStream) -> tuple[torch.Tensor, bool]:
         """NeMo's buffer arithmetic for one stream: add the next piece of audio, return the window and is_last."""

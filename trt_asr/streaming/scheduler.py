@@ -39,6 +39,7 @@ graphs): the scheduler passes ``pad_to=`` to ``mode.step`` when the mode accepts
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
 import itertools
 import math
@@ -132,6 +133,9 @@ class SchedulerStats:
         self.refused = 0
         self.opened = 0
         self.max_open = 0
+        # where the worker's time goes (seconds, summed): intake before a step, launching its device work, delivering
+        # the previous step's events and the intake ahead (both while the device works), waiting for it + committing
+        self.phase_seconds = {"intake": 0.0, "launch": 0.0, "deliver": 0.0, "intake_ahead": 0.0, "wait_commit": 0.0}
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -147,6 +151,8 @@ class SchedulerStats:
             "step_ms": ms(self.step_seconds), "event_latency_ms": ms(self.event_latency),
             "busy_fraction": self.busy_seconds / elapsed, "errors": dict(self.errors), "refused": self.refused,
             "opened": self.opened, "max_open": self.max_open,
+            "phase_ms_per_step": {k: round(1000 * v / max(self.steps, 1), 3) for k, v in self.phase_seconds.items()},
+            "phase_fraction": {k: round(v / elapsed, 4) for k, v in self.phase_seconds.items()},
         }
 
 
@@ -285,6 +291,9 @@ class ScheduledStream:
         self._ended = False
         self._ended_at: float | None = None
         self._unseen = False  # audio pushed that the worker has not yet taken in (wait_idle)
+        # inbox samples worth a worker visit: fewer cannot make the stream ready (set by the worker from the mode's
+        # ``samples_to_ready``; 0: every push is visited), so a stream costs about one intake visit per step
+        self._need = 0
         self._listener: Callable[[], None] | None = None  # set_listener(): called (worker thread) on every signal
         self.taken_at_step = 0  # samples the mode had taken in when this stream's last step ran
         self._closed = False
@@ -352,6 +361,10 @@ class ScheduledStream:
         for that audio are then queued). For synchronous callers (the caption pipeline's per-stream thread)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.scheduler._lock:
+            if self._unseen:  # audio short of a chunk is taken in only when asked for (push visits past _need)
+                self.scheduler._touched[self.id] = self
+                self.scheduler._work = True
+                self.scheduler._wake_cond.notify_all()
             while not self.done and (self._unseen or self.ready_since is not None or self._undelivered):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -470,8 +483,9 @@ class ScheduledStream:
         self.last_audio_at = time.monotonic()
         self.samples_in += x.size
         self._unseen = True
-        self.scheduler._touched[self.id] = self
         self._inbox_samples += x.size
+        if self._inbox_samples >= self._need:
+            self.scheduler._touched[self.id] = self
         piece = self.scheduler._piece_samples
         now = self.last_audio_at
         if self._inbox and self._inbox[-1].size < piece:  # coalesce small client frames
@@ -513,6 +527,10 @@ class ScheduledStream:
             self._loop.call_soon_threadsafe(ev.set)
         except RuntimeError:  # loop closed
             pass
+
+
+def _service_key(st: ScheduledStream):
+    return st.ready_since, st._order
 
 
 def _snapshot(state):
@@ -559,6 +577,8 @@ class StreamScheduler:
         # only these (O(active), not O(open)); a full pass every ``_FULL_SCAN_S`` covers the idle timeouts
         self._touched: dict[int, ScheduledStream] = {}
         self._next_full_scan = 0.0
+        # streams seen ready and not stepped yet (worker thread only): a stream waiting for a step is not revisited
+        self._ready: dict[int, ScheduledStream] = {}
         self._free_slots = list(range(c.max_streams - 1, -1, -1))
         self._next_id = 0
         self._seq = itertools.count()  # service order: ties in ready time go to the stream served longest ago
@@ -571,6 +591,7 @@ class StreamScheduler:
         self.stats = SchedulerStats(c.latency_window)
         self.on_step = on_step
         self._push_numpy = bool(getattr(self.mode, "accepts_numpy", False))  # skip a tensor round trip per piece
+        self._to_ready = getattr(self.mode, "samples_to_ready", None)  # optional: see ScheduledStream._need
         try:
             self._mode_pads = "pad_to" in inspect.signature(self.mode.step).parameters
         except (TypeError, ValueError):
@@ -680,35 +701,62 @@ class StreamScheduler:
         """Intake + housekeeping + ONE batched step of the oldest-ready streams. Returns streams stepped (0: none
         ready; intake may still have happened)."""
         with self._engine_lock:
-            now = time.monotonic()
-            ready = self._intake(now)
+            t0 = time.perf_counter()
+            self._intake(time.monotonic())
+            ready = self._ready
+            gone = [i for i, st in ready.items() if st._closed or st.finished]
+            for i in gone:
+                del ready[i]
+            self.stats.phase_seconds["intake"] += time.perf_counter() - t0
             if not ready:
                 self._deliver_pending()
                 return 0
-            ready.sort(key=lambda s: (s.ready_since, s._order))  # FIFO: oldest ready, then longest unserved
-            batch = ready[: self.config.max_batch]
+            # FIFO: oldest ready, then longest unserved
+            if len(ready) <= self.config.max_batch:
+                batch = sorted(ready.values(), key=_service_key)
+            else:
+                batch = heapq.nsmallest(self.config.max_batch, ready.values(), key=_service_key)
+            for st in batch:
+                del ready[st.id]
             self._run_batch(batch)
             if not self._overlap:
                 self._deliver_pending()
-            with self._lock:  # they may be ready again (more audio queued), or still waiting for a step
-                for st in ready:
-                    if not st._closed:
+            # they may be ready again: visited next intake only if the mode already holds the next chunk (need 0),
+            # or enough audio is queued for it, or they ended (a full visit per stream and step costs as much as the
+            # rest of the intake)
+            to_ready = self._to_ready
+            with self._lock:
+                for st in batch:
+                    if st._closed or st.finished:
+                        continue
+                    need = 0 if to_ready is None or st.session is None else to_ready(st.session.state)
+                    st._need = need
+                    if st._inbox_samples >= need or st._ended:
                         self._touched[st.id] = st
             return len(batch)
 
     _FULL_SCAN_S = 0.25
 
-    def _intake(self, now: float) -> list[ScheduledStream]:
+    def _intake(self, now: float, busy: frozenset | set = frozenset()) -> None:
+        """Move queued audio into the mode for the streams that may have changed (``_touched``) and add the ones
+        that are ready to ``_ready``. ``busy``: ids of a step in flight (their state is the mode's until it ends:
+        they stay touched for the next intake)."""
         c = self.config
         with self._lock:
-            if now >= self._next_full_scan:
-                streams = list(self._streams.values())
+            touched = self._touched
+            if busy:
+                streams = [st for i, st in touched.items() if i not in busy]
+                self._touched = {i: st for i, st in touched.items() if i in busy}
+            else:
+                streams = list(touched.values())
+                self._touched = {}
+            if now >= self._next_full_scan:  # idle timeouts of streams that sent nothing (nothing touched them)
                 it = self._FULL_SCAN_S if c.idle_timeout is None else min(self._FULL_SCAN_S, c.idle_timeout / 4)
                 self._next_full_scan = now + it
-            else:
-                streams = list(self._touched.values())
-            self._touched.clear()
-        ready = []
+                if c.idle_timeout is not None:
+                    streams += [st for i, st in self._streams.items() if i not in touched and i not in busy
+                                and not st._ended and now - st.last_audio_at > c.idle_timeout]
+        ready = self._ready
         for st in streams:
             if st._closed:
                 continue
@@ -734,20 +782,23 @@ class StreamScheduler:
                     self.mode.push(state, piece if self._push_numpy else torch.from_numpy(piece))
                 if not st._ended and c.idle_timeout is not None and now - st.last_audio_at > c.idle_timeout:
                     self._end_with(st, "idle_timeout", f"no audio for {c.idle_timeout:g} s; stream ended")
-                if self.mode.ready(state) and not st.finished:
+                is_ready = self.mode.ready(state) and not st.finished
+                if is_ready:
                     if st.ready_since is None:  # scheduling order: when the scheduler saw it ready (round robin)
                         st.ready_since = now
                         # latency: ready since the newest audio it holds arrived (or it ended)
                         st._ready_at = min(now, max(st._last_arrival, st._ended_at or 0.0))
-                    ready.append(st)
-                if st._unseen:
-                    with self._lock:
-                        if not st._inbox:  # wait_idle(): all audio taken in; a step is pending iff ready_since
-                            st._unseen = False
-                            st._cond.notify_all()
+                    ready[st.id] = st
+                need = 0 if is_ready or self._to_ready is None else self._to_ready(state)
+                with self._lock:
+                    st._need = need
+                    if st._inbox and st._inbox_samples >= need and not is_ready:  # audio came in meanwhile
+                        self._touched[st.id] = st
+                    if st._unseen and not st._inbox:  # wait_idle(): all audio taken in; a step is pending iff
+                        st._unseen = False            # ready_since
+                        st._cond.notify_all()
             except Exception as e:  # a bad stream (e.g. its mode state) never stops the others
                 self._close_stream(st, ErrorEvent("engine_error", f"stream {st.id}: {type(e).__name__}: {e}"))
-        return ready
 
     def _end_with(self, st: ScheduledStream, code: str, message: str) -> None:
         """End the stream now (its audio so far is decoded and finalized), then a non-transcript error."""
@@ -774,9 +825,19 @@ class StreamScheduler:
         failed: list[tuple[ScheduledStream, Exception]] = []
         try:
             if self._overlap:
+                phase = self.stats.phase_seconds
                 handle = self.mode.step_begin(states)
+                t1 = time.perf_counter()
                 self._deliver_pending()  # the previous step's events, while the device works on this one
+                t2 = time.perf_counter()
+                # and the next step's intake (not this batch: its state is the mode's until step_end)
+                self._intake(time.monotonic(), busy={st.id for st in batch})
+                t3 = time.perf_counter()
                 results = self.mode.step_end(handle)
+                phase["launch"] += t1 - t0
+                phase["deliver"] += t2 - t1
+                phase["intake_ahead"] += t3 - t2
+                phase["wait_commit"] += time.perf_counter() - t3
             else:
                 results = self._mode_step(states)
             if len(results) != len(states):

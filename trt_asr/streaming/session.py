@@ -62,6 +62,11 @@ class StreamingMode(Protocol):
     chunk (plus whatever look-ahead the mode needs) is buffered, or the stream ended and is not ``finished``.
     ``step(streams)`` runs one step for a batch of ready streams (one encoder call and one decoder loop for all)
     and returns one ``StepResult`` per stream, in order. After ``end``, repeated steps must reach ``finished``.
+
+    Optional hooks the scheduler uses when a mode has them: ``step_begin(streams)`` / ``step_end(handle)`` (a step
+    split around its device work, so the host works meanwhile), ``samples_to_ready(s)`` (the fewest more samples
+    that make ``ready(s)`` true without ``end``; 0 when ready or ended: the scheduler then visits a stream about once
+    per chunk instead of on every push), ``release(s)`` (pooled state freed) and ``accepts_numpy``.
     """
 
     name: str

@@ -1,0 +1,176 @@
+"""The scheduler's intake does O(1) work per stream and chunk, and stays exact:
+
+* ``samples_to_ready`` (buffered and batched cache-aware modes) is the exact shortfall: after pushing m samples it
+  drops by exactly m (down to 0), and ``ready`` holds exactly when it is 0 -- checked push by push over random push
+  sizes and steps, so the scheduler may skip a stream until its inbox holds that much;
+* a stream fed in small frames is visited about once per chunk, not once per push (and every push without the hook);
+* streams that become ready while a step's device work runs are taken in meanwhile and stepped next; the streams of
+  the step in flight are never touched by that intake (a mode that asserts it), and every token is still exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+
+from trt_asr.checkpoint import load_model
+from trt_asr.streaming.batched_cache_aware import BatchedCacheAwareMode
+from trt_asr.streaming.buffered import BufferedMode
+from trt_asr.streaming.scheduler import ErrorEvent, SchedulerConfig, StreamScheduler
+from trt_asr.streaming.session import Recognizer
+
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # scoped: a global switch would leak into other test modules
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_ca():
+    m = load_model("random:tiny-cache-aware")
+    m.cfg.preprocessor.normalize = None  # as NeMo's cache-aware models
+    return m
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("random:tiny")
+
+
+def _modes(tiny, tiny_ca):
+    return {"buffered": lambda: BufferedMode(tiny, left_secs=0.64, chunk_secs=0.32, right_secs=0.16),
+            "cache_aware": lambda: BatchedCacheAwareMode(tiny_ca, capacity=2)}
+
+
+@pytest.mark.parametrize("kind", ["buffered", "cache_aware"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pushes=hs.lists(hs.integers(0, 7000), min_size=1, max_size=25))
+def test_samples_to_ready_is_the_exact_shortfall(tiny, tiny_ca, kind, pushes):
+    """``pushes``: sample counts; 0 = exactly the shortfall less one (the boundary), then one more."""
+    mode = _modes(tiny, tiny_ca)[kind]()
+    s = mode.new_stream()
+    rng = np.random.default_rng(len(pushes))
+    def sizes():  # lazily: a boundary probe needs the shortfall of the moment
+        for p in pushes:
+            yield from (x for x in ((mode.samples_to_ready(s) - 1, 1) if p == 0 else (p,)) if x > 0)
+
+    for m in sizes():
+        need = mode.samples_to_ready(s)
+        mode.push(s, torch.from_numpy(rng.standard_normal(m).astype(np.float32) * 0.1))
+        left = mode.samples_to_ready(s)
+        assert left == max(need - m, 0)
+        assert mode.ready(s) == (left == 0)
+        while mode.ready(s):  # a step: the shortfall is counted again from the next chunk
+            mode.step([s])
+        assert mode.samples_to_ready(s) > 0
+    mode.end(s)
+    assert mode.samples_to_ready(s) == 0
+
+
+class _CountReady:
+    """Counts the scheduler's intake visits (every visit asks ``ready``)."""
+
+    def __init__(self, mode):
+        self.mode, self.calls = mode, 0
+        self._ready = mode.ready
+        mode.ready = self
+
+    def __call__(self, s):
+        self.calls += 1
+        return self._ready(s)
+
+
+@pytest.mark.parametrize("hook", [True, False])
+def test_small_frames_cost_about_one_visit_per_chunk(tiny_ca, hook):
+    mode = BatchedCacheAwareMode(tiny_ca, capacity=2)
+    sched = StreamScheduler(Recognizer(tiny_ca, mode), SchedulerConfig(max_streams=2, idle_timeout=None))
+    if not hook:
+        sched._to_ready = None  # the scheduler without the mode's hook: every push is visited
+    st = sched.open()
+    sched.step()
+    count = _CountReady(mode)
+    audio = np.random.default_rng(0).standard_normal(3 * 16000).astype(np.float32) * 0.1
+    frames = range(0, audio.size, 320)  # 20 ms frames; a chunk is 8 or more of them
+    for a in frames:
+        st.push(audio[a:a + 320])
+        sched.step()
+    steps = sched.stats.steps
+    assert steps >= 3000 * 16 // 320 // 8 // 2  # it did step as the audio came in
+    if hook:  # two visits per step (when the chunk is in, after the step), each asking ready() 3 or 4 times
+        assert count.calls <= 8 * steps + 8 < len(frames)
+    else:
+        assert count.calls >= len(frames)
+    st.end()
+    sched.run_until_idle()
+    tokens = [(t.id, t.frame, t.duration) for ev in st.poll() if not isinstance(ev, ErrorEvent) for t in ev.committed]
+    alone = Recognizer(tiny_ca, BatchedCacheAwareMode(tiny_ca, capacity=1)).open()
+    alone.feed(torch.from_numpy(audio))
+    alone.finish()
+    assert st.session.tokens == alone.tokens and len(tokens) == len(alone.tokens)
+
+
+class _GuardedMode(BatchedCacheAwareMode):
+    """Raises if the scheduler pushes into a stream whose step is in flight; ``during_step`` runs while a step's
+    device work would (clients pushing meanwhile)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.in_flight: set[int] = set()
+        self.pushed_during_steps = 0
+        self.during_step = lambda: None
+
+    def push(self, s, pcm):
+        assert id(s) not in self.in_flight, "push into a stream whose step is in flight"
+        self.pushed_during_steps += bool(self.in_flight)
+        super().push(s, pcm)
+
+    def step_begin(self, streams):
+        self.in_flight = {id(s) for s in streams}
+        handle = super().step_begin(streams)
+        self.during_step()
+        return handle
+
+    def step_end(self, handle):
+        out = super().step_end(handle)
+        self.in_flight = set()
+        return out
+
+
+def test_intake_during_a_step_skips_its_streams_and_stays_exact(tiny_ca):
+    rng = np.random.default_rng(1)
+    audios = [rng.standard_normal(int(16000 * rng.uniform(1.0, 2.5))).astype(np.float32) * 0.1 for _ in range(6)]
+    mode = _GuardedMode(tiny_ca, capacity=6)
+    sched = StreamScheduler(Recognizer(tiny_ca, mode), SchedulerConfig(max_streams=6, max_batch=2, idle_timeout=None,
+                                                                        piece_seconds=0.05))
+    streams = [sched.open() for _ in audios]
+    pos = [0] * len(audios)
+
+    def feed():  # every stream sends a piece of its own random size
+        for i, (st, a) in enumerate(zip(streams, audios)):
+            if pos[i] < a.size:
+                n = int(rng.integers(400, 4000))
+                st.push(a[pos[i]:pos[i] + n])
+                pos[i] += n
+                if pos[i] >= a.size:
+                    st.end()
+
+    mode.during_step = feed
+    while any(p < a.size for p, a in zip(pos, audios)):
+        feed()
+        sched.step()
+    sched.run_until_idle()
+    assert mode.pushed_during_steps > 0  # the overlap happened
+    assert sched.stats.phase_seconds["intake_ahead"] > 0
+    for st, a in zip(streams, audios):
+        assert st.samples_in == a.size
+        events = st.poll()
+        assert not any(isinstance(ev, ErrorEvent) for ev in events) and events[-1].final
+        alone = Recognizer(tiny_ca, BatchedCacheAwareMode(tiny_ca, capacity=1)).open()
+        alone.feed(torch.from_numpy(a))
+        alone.finish()
+        assert st.session.tokens == alone.tokens
