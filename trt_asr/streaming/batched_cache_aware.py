@@ -37,7 +37,7 @@ import torch
 from ..decoding.greedy import GreedyLoop
 from .cache_aware import CacheAwareParams, initial_caches
 from .frontend import BatchedLogMel
-from .scheduler import SlotPool, bucket_for
+from .scheduler import SlotPool, bucket_for, copy_into as _copy
 from .session import StepResult, Token
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -46,12 +46,15 @@ _EMPTY = np.zeros(0, dtype=np.float32)
 
 class BatchedStreamState:
     """One stream's host state: PCM from absolute sample ``pcm_start`` on (what later chunks still need) and
-    counters. Its device state is row ``slot`` of the mode's pool. Fields are replaced, never mutated in place
-    (the scheduler restores a snapshot of ``__dict__`` when a step fails)."""
+    counters. Its device state is row ``slot`` of the mode's pool. ``buf`` holds samples ``buf_start`` .. ``received``
+    (``pcm_start`` >= ``buf_start``) with room to append; a step only moves ``pcm_start``, a push writes only past
+    ``received`` (or into a new ``buf``), so restoring a snapshot of ``__dict__`` (the scheduler does when a step
+    fails) restores the stream exactly. Fields are otherwise replaced, never mutated in place."""
 
     def __init__(self, slot: int):
         self.slot = slot
-        self.pcm = _EMPTY
+        self.buf = _EMPTY
+        self.buf_start = 0
         self.pcm_start = 0
         self.received = 0       # samples pushed
         self.ended = False
@@ -178,9 +181,16 @@ class BatchedCacheAwareMode:
             x = pcm.reshape(-1).numpy()
         else:
             x = np.asarray(pcm, dtype=np.float32).reshape(-1)
-        if x.size:
-            s.pcm = np.concatenate((s.pcm, x))
-            s.received += x.size
+        m = x.size
+        if m:
+            end = s.received - s.buf_start
+            if end + m > s.buf.size:  # a new buffer: the live samples, room for about a second more
+                live = s.buf[s.pcm_start - s.buf_start:end]
+                buf = np.empty(max(2 * (live.size + m), 16384), np.float32)
+                _copy(buf, 0, live)
+                s.buf, s.buf_start, end = buf, s.pcm_start, live.size
+            _copy(s.buf, end, x)
+            s.received += m
 
     def end(self, s: BatchedStreamState) -> None:
         s.ended = True
@@ -299,8 +309,7 @@ class BatchedCacheAwareMode:
                 s.mel_done += k
                 keep_from = s.mel_done * hop - half - 1  # the next chunk's first sample (and its history)
                 if keep_from > s.pcm_start:
-                    s.pcm = s.pcm[keep_from - s.pcm_start:]
-                    s.pcm_start = keep_from
+                    s.pcm_start = min(keep_from, s.received)
                 s.finished = s.ended and s.mel_done >= s.received // hop
                 if s.finished:
                     self.release(s)
@@ -316,7 +325,9 @@ class BatchedCacheAwareMode:
         if self._stage is None or self._stage.shape[0] < rows:
             self._stage_t = torch.zeros(rows, w + 2, dtype=torch.float32, pin_memory=self.device.type == "cuda")
             self._stage = self._stage_t.numpy()
+            self._zeros = np.zeros(w, np.float32)
         stage = self._stage
+        zeros = self._zeros
         real = []
         for s, first, i in placed:
             chunk = self.chunk[0 if first else 1]
@@ -327,11 +338,13 @@ class BatchedCacheAwareMode:
             row = stage[i]
             lo, hi = max(a0, s.pcm_start), min(a0 + w, s.received)
             if hi > lo:
-                row[:lo - a0] = 0.0
-                row[lo - a0:hi - a0] = s.pcm[lo - s.pcm_start:hi - s.pcm_start]
-                row[hi - a0:w] = 0.0
+                if lo > a0:
+                    _copy(row, 0, zeros[:lo - a0])
+                _copy(row, lo - a0, s.buf[lo - s.buf_start:hi - s.buf_start])
+                if hi - a0 < w:
+                    _copy(row, hi - a0, zeros[:w - (hi - a0)])
             else:
-                row[:w] = 0.0
+                _copy(row, 0, zeros[:w])
             row[w] = min(max(s.received - a0 - 1, 0), w)  # pre-emphasised samples that exist (exact in float32)
             row[w + 1] = k
         return real
