@@ -198,3 +198,27 @@ def test_inbox_pieces_are_the_pushed_audio_in_order(sizes, piece_ms):
     assert all(p.size <= sched._piece_samples for p in pieces)
     assert np.array_equal(np.concatenate(pieces), np.concatenate(copies))
     assert all(np.array_equal(f, c) for f, c in zip(frames, copies))
+
+
+def test_an_inbox_bound_below_one_chunk_does_not_stall_the_stream(tiny_ca):
+    """With ``max_buffer_seconds`` under a chunk, a full inbox is still short of what the mode needs: it must be
+    taken in anyway (a visit), or pushes would be refused forever. Tokens equal the stream alone."""
+    mode = BatchedCacheAwareMode(tiny_ca, capacity=1)
+    sched = StreamScheduler(Recognizer(tiny_ca, mode), SchedulerConfig(max_streams=1, idle_timeout=None,
+                                                                        max_buffer_seconds=0.05, piece_seconds=0.02))
+    st = sched.open()
+    audio = np.random.default_rng(4).standard_normal(2 * 16000).astype(np.float32) * 0.1
+    assert mode.latency_seconds > 0.05
+    pos, rounds = 0, 0
+    while pos < audio.size:
+        rounds += 1
+        assert rounds < 2000, "the stream stalled: its full inbox was never taken in"
+        if st.push(audio[pos:pos + 480], block=False):
+            pos += 480
+        sched.step()
+    st.end()
+    sched.run_until_idle()
+    alone = Recognizer(tiny_ca, BatchedCacheAwareMode(tiny_ca, capacity=1)).open()
+    alone.feed(torch.from_numpy(audio))
+    alone.finish()
+    assert st.done and st.session.tokens == alone.tokens

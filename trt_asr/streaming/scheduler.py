@@ -485,7 +485,7 @@ class ScheduledStream:
         self.samples_in += x.size
         self._unseen = True
         self._inbox_samples += x.size
-        if self._inbox_samples >= self._need:
+        if self._worth_a_visit():
             self.scheduler._touched[self.id] = self
         piece = self.scheduler._piece_samples
         now = self.last_audio_at
@@ -504,6 +504,12 @@ class ScheduledStream:
         for i in range(0, x.size, piece):  # split big ones (views)
             self._inbox.append(x[i:i + piece])
             self._inbox_t.append(now)
+
+    def _worth_a_visit(self) -> bool:
+        """Queued audio that can make the stream ready, or a full inbox (taking audio in frees room for pushers
+        that wait, whatever the mode needs: a bound below one chunk must not stall the stream)."""
+        n = self._inbox_samples
+        return n >= self._need or n >= self.scheduler._buffer_samples
 
     def _recount(self) -> None:
         self._inbox_samples = sum(p.size for p in self._inbox)  # deque of <= buffer/piece items
@@ -750,7 +756,7 @@ class StreamScheduler:
                         continue
                     need = 0 if to_ready is None or st.session is None else to_ready(st.session.state)
                     st._need = need
-                    if st._inbox_samples >= need or st._ended:
+                    if st._ended or st._worth_a_visit():
                         self._touched[st.id] = st
             return len(batch)
 
@@ -811,7 +817,7 @@ class StreamScheduler:
                 need = 0 if is_ready or self._to_ready is None else self._to_ready(state)
                 with self._lock:
                     st._need = need
-                    if st._inbox and st._inbox_samples >= need and not is_ready:  # audio came in meanwhile
+                    if st._inbox and not is_ready and st._worth_a_visit():  # audio came in meanwhile
                         self._touched[st.id] = st
                     if st._unseen and not st._inbox:  # wait_idle(): all audio taken in; a step is pending iff
                         st._unseen = False            # ready_since
