@@ -49,11 +49,10 @@ class _Server:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.sock = sock
-        from trt_asr.cli.serve import _has_sansio  # the same WebSocket implementation as `trt-asr serve`
+        from trt_asr.serving.runner import DrainingServer, uvicorn_options  # as `trt-asr serve` runs it
 
-        ws_impl = "websockets-sansio" if _has_sansio() else "auto"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", ws_max_size=4 * MAX_FRAME,
-                                                    lifespan="off", ws=ws_impl))
+        opts = {**uvicorn_options("critical"), "ws_max_size": 4 * MAX_FRAME}
+        self.server = DrainingServer(uvicorn.Config(app, lifespan="off", **opts))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20

@@ -108,6 +108,8 @@ def register(sub) -> None:
     lp.add_argument("--clients-per-process", type=int, default=32,
                     help="WebSocket clients per load-generator process (one asyncio loop each; the clients of one "
                     "loop share its CPU, so past a few dozen the generator itself adds to the latency tail)")
+    lp.add_argument("--server-workers", type=int, default=1, metavar="N",
+                    help="our own server: N worker processes on one port (as `trt-asr serve --workers N`)")
     lp.add_argument("--processes", type=int, default=1, metavar="P",
                     help="in-process: P worker processes share the GPU, each with its own model, engine and "
                     "scheduler and K/P of the streams, started together (one Python process's GIL bounds the "
@@ -433,7 +435,7 @@ def start_server(args, mode: str, params: dict, max_sessions: int, wait: bool = 
             "state": cache_aware_state(args, mode) or "auto",
             "port": port, "max_sessions": max_sessions, "batching": args.server_batching,
             "dispatch": getattr(args, "caption_dispatch", "shared"),
-            "max_batch": args.max_batch}
+            "max_batch": args.max_batch, "workers": getattr(args, "server_workers", 1)}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"trt_asr_bench_server_{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", "from trt_asr.cli.bench import _serve_main; _serve_main()",
                              json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT)
@@ -444,33 +446,45 @@ def start_server(args, mode: str, params: dict, max_sessions: int, wait: bool = 
 
 
 def _wait_healthy(proc, url: str, log_name: str) -> None:
+    """Until /health answers and, with --server-workers, says every worker is up."""
     import httpx
 
     port = int(url.split(":")[2].split("/")[0])
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}; see {log_name}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            body = r.json() if r.status_code == 200 else {}
+            if r.status_code == 200 and body.get("workers_ready", 1) >= body.get("workers", 1):
                 return
         except Exception:
             pass
         time.sleep(0.3)
     proc.kill()
-    raise RuntimeError("server did not start within 300 s")
+    raise RuntimeError("server did not start within 600 s")
 
 
 def _serve_main() -> None:
     spec = json.loads(sys.argv[1])
+    from ..serving.runner import serve_app, serve_workers
+
+    workers = int(spec.get("workers", 1))
+    if workers == 1:
+        serve_app(_bench_app(spec), port=spec["port"], drain_timeout=10.0)
+    else:
+        sys.exit(serve_workers(_bench_app, (spec,), workers, port=spec["port"], max_sessions=spec["max_sessions"],
+                               drain_timeout=10.0))
+
+
+def _bench_app(spec: dict, admission=None, health=None):
+    """The app of ``trt-asr serve`` with the load tool's engine options (one per worker with --server-workers)."""
     if os.environ.get("TRT_ASR_SWITCH_INTERVAL"):  # GIL hand-off interval (experiments; CPython default 5 ms)
         sys.setswitchinterval(float(os.environ["TRT_ASR_SWITCH_INTERVAL"]))
-    import uvicorn
-
     from ..captions.service import CaptionService
     from ..checkpoint import load_model
-    from ..serving.app import MAX_FRAME_BYTES, Limits, create_app
-    from .serve import _has_sansio
+    from ..serving.app import Limits, create_app
 
     model = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
     _streamable_features(model, spec["mode"])
@@ -494,9 +508,7 @@ def _serve_main() -> None:
         if hasattr(mode, "warmup") and model.device.type == "cuda":  # CUDA graphs of every bucket before traffic
             mode.warmup(min(spec["max_batch"], spec["max_sessions"]))
     svc.warmup()
-    app = create_app(svc, None, Limits(max_sessions=spec["max_sessions"]))
-    uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning", ws_max_size=4 * MAX_FRAME_BYTES,
-                ws="websockets-sansio" if _has_sansio() else "auto")
+    return create_app(svc, None, Limits(max_sessions=spec["max_sessions"]), admission=admission, health=health)
 
 
 async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, timeout: float, out: dict):
@@ -752,6 +764,10 @@ def run_load(args) -> int:
     if args.send_tick_ms < 0:
         print(f"error: --send-tick-ms must be >= 0, not {args.send_tick_ms:g}", file=sys.stderr)
         return 2
+    if args.server_workers < 1 or (args.server_workers > 1 and (args.in_process or args.url)):
+        print("error: --server-workers N (N >= 1) is for runs against our own server (no --in-process, no --url)",
+              file=sys.stderr)
+        return 2
     if args.processes > 1:
         if not args.in_process or min(ks) < args.processes:
             print("error: --processes P is for --in-process runs with at least P streams", file=sys.stderr)
@@ -876,7 +892,8 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "p99_latency_ms": best.get("p99_latency_ms"),
         "latency_budget_ms": round(budget_s * 1000, 1),
         "path": "in-process" if args.in_process else ("server:" + (args.url or "own 127.0.0.1 server")
-                                                      + f" (batching: {args.server_batching})"),
+                                                      + f" (batching: {args.server_batching}, "
+                                                      f"workers: {getattr(args, 'server_workers', 1)})"),
         "mode": mode, "mode_params": _jsonable_params(params), "engine": getattr(args, "engine", "torch"),
         "kv_cache": getattr(args, "kv_cache", "layer_input"), "compile": getattr(args, "compile_mode", None),
         "state": cache_aware_state(args, mode),

@@ -15,7 +15,11 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or ?token= on the "
                    "WebSocket); default: $TRT_ASR_TOKEN if set")
-    p.add_argument("--max-sessions", type=int, default=16, help="concurrent WebSocket streams")
+    p.add_argument("--max-sessions", type=int, default=16, help="concurrent WebSocket streams (all workers)")
+    p.add_argument("--workers", type=int, default=1, help="server processes on one port, each with its own model "
+                   "and scheduler on the same device (one process's GIL limits how many streams it can carry)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGINT / SIGTERM: seconds the open streams "
+                   "get to finish (their finals and 'end' go out, then close code 1001)")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="POST /v1/audio/transcriptions limit")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up stream at start-up")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
@@ -25,36 +29,50 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    try:
-        import uvicorn
-    except ImportError:
-        print("error: serving needs the [serve] extra: pip install 'trt-asr-engine[serve]'", file=sys.stderr)
-        return 2
-
+def build_app(args, admission=None, health=None):
+    """The app for these args: loads the model and warms it up (in each worker with --workers). Module-level so a
+    spawned worker can be handed it."""
     from ._captions import load_caption_service
-    from ..serving.app import MAX_FRAME_BYTES, Limits, create_app
+    from ..serving.app import Limits, create_app
 
-    token = args.token or os.environ.get("TRT_ASR_TOKEN") or None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
-        print(f"warning: binding {args.host} without --token: anyone who can reach it can use it", file=sys.stderr)
     svc = load_caption_service(args)
     if svc is None:
-        return 2
+        raise SystemExit(2)
     if not args.no_warmup:
-        svc.warmup(streams=args.max_sessions if svc.model.device.type == "cuda" else None)
+        per_worker = -(-args.max_sessions // max(1, args.workers))  # the streams one worker is likely to carry
+        svc.warmup(streams=per_worker if svc.model.device.type == "cuda" else None)
     limits = Limits(max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
-    app = create_app(svc, token, limits)
-    print(f"trt-asr serve: http://{args.host}:{args.port}/ (model {svc.model_name}, mode {svc.mode})",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws_max_size=4 * MAX_FRAME_BYTES,
-                ws="websockets-sansio" if _has_sansio() else "auto")
-    return 0
+    return create_app(svc, args.token, limits, admission=admission, health=health)
 
 
-def _has_sansio() -> bool:
-    try:
-        import uvicorn.protocols.websockets.websockets_sansio_impl  # noqa: F401
-        return True
-    except Exception:
-        return False
+def run(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("uvicorn") is None:
+        print("error: serving needs the [serve] extra: pip install 'trt-asr-engine[serve]'", file=sys.stderr)
+        return 2
+    from ..serving.runner import serve_app, serve_workers
+
+    if args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    if args.drain_timeout < 0:
+        print(f"error: --drain-timeout must be >= 0, got {args.drain_timeout}", file=sys.stderr)
+        return 2
+    args.token = args.token or os.environ.get("TRT_ASR_TOKEN") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        print(f"warning: binding {args.host} without --token: anyone who can reach it can use it", file=sys.stderr)
+    where = f"http://{args.host}:{args.port}/"
+    if args.workers == 1:
+        try:
+            app = build_app(args)
+        except SystemExit as e:
+            return int(e.code or 0)
+        svc = app.state.service
+        print(f"trt-asr serve: {where} (model {svc.model_name}, mode {svc.mode})", file=sys.stderr, flush=True)
+        serve_app(app, args.host, args.port, args.drain_timeout, args.log_level)
+        return 0
+    return serve_workers(build_app, (args,), args.workers, args.host, args.port, args.max_sessions,
+                         args.drain_timeout, args.log_level,
+                         on_ready=lambda: print(f"trt-asr serve: {where} ({args.workers} workers, mode {args.mode})",
+                                                file=sys.stderr, flush=True))

@@ -21,6 +21,7 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -58,9 +59,44 @@ class Limits:
         self.max_stream_seconds = max_stream_seconds
 
 
-def create_app(service: CaptionService, token: str | None = None, limits: Limits | None = None) -> Starlette:
+class Admission:
+    """The concurrent-stream limit. One process counts in a plain int; ``serve --workers N`` gives every worker the
+    same counter in shared memory (``multiprocessing.Value``), so the limit holds for the whole server."""
+
+    def __init__(self, limit: int, shared=None):
+        self.limit = limit
+        self._shared = shared
+        self._count = 0
+
+    def try_acquire(self) -> bool:
+        if self._shared is None:
+            if self._count >= self.limit:
+                return False
+            self._count += 1
+            return True
+        with self._shared.get_lock():
+            if self._shared.value >= self.limit:
+                return False
+            self._shared.value += 1
+            return True
+
+    def release(self) -> None:
+        if self._shared is None:
+            self._count -= 1
+            return
+        with self._shared.get_lock():
+            self._shared.value -= 1
+
+    def in_use(self) -> int:
+        return self._count if self._shared is None else self._shared.value
+
+
+def create_app(service: CaptionService, token: str | None = None, limits: Limits | None = None,
+               admission: Admission | None = None, health: Callable[[], dict] | None = None) -> Starlette:
     limits = limits or Limits()
-    state = {"sessions": 0, "admitting": 0, "started": time.time(), "streams_total": 0}
+    admission = admission or Admission(limits.max_sessions)
+    state = {"sessions": 0, "started": time.time(), "streams_total": 0, "draining": False}  # sessions: this process's open streams
+    stops: set[asyncio.Future] = set()  # one per open stream: resolved by a drain (futures of the serving loop)
     offline_lock = threading.Lock()
     transcriber = None
 
@@ -74,9 +110,10 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
         return hmac.compare_digest(given.encode(), token.encode())
 
     # ------------------------------------------------------------------ HTTP
-    async def health(request: Request):
-        return JSONResponse({"status": "ok", "schema_version": ev.SCHEMA_VERSION, "sessions": state["sessions"],
-                             "uptime_s": round(time.time() - state["started"], 1), **service.info()})
+    async def health_route(request: Request):
+        return JSONResponse({"status": "ok", "schema_version": ev.SCHEMA_VERSION, "sessions": admission.in_use(),
+                             "uptime_s": round(time.time() - state["started"], 1), **service.info(),
+                             **(health() if health is not None else {})})
 
     async def index(request: Request):
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
@@ -160,10 +197,17 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
                 pass
 
         # admission counts streams from here on (also while their config is awaited): a burst of connections
-        # cannot overshoot the limit (scheduler owner)
-        if state["sessions"] + state["admitting"] >= limits.max_sessions:
-            return await fail("busy", f"server is at its limit of {limits.max_sessions} streams", 1013)
+        # cannot overshoot the limit (scheduler owner); with `serve --workers N` the count is shared by the workers
+        if state["draining"]:
+            return await fail("shutting_down", "server is shutting down", protocol.ERRORS["shutting_down"])
+        if not admission.try_acquire():
+            return await fail("busy", f"server is at its limit of {admission.limit} streams", 1013)
+        try:
+            await admitted(ws, fail)
+        finally:
+            admission.release()
 
+    async def admitted(ws: WebSocket, fail):
         async def read_config():
             try:
                 first = await asyncio.wait_for(ws.receive(), timeout=30)
@@ -178,13 +222,11 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
             except protocol.ProtocolError as e:
                 return await fail(e.code, e.message, e.close_code)
 
-        state["admitting"] += 1
-        try:
-            cfg = await read_config()
-        finally:
-            state["admitting"] -= 1
+        cfg = await read_config()
         if cfg is None:
             return
+        if state["draining"]:
+            return await fail("shutting_down", "server is shutting down", protocol.ERRORS["shutting_down"])
         rate, encoding, channels, options = cfg.sample_rate, cfg.encoding, cfg.channels, cfg.options
 
         loop = asyncio.get_running_loop()
@@ -207,9 +249,42 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
                 if e["type"] == "end":
                     return
 
+        async def read_audio():
+            """Audio frames into the pipeline until the client ends the stream; returns (error, disconnected)."""
+            nonlocal received
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return None, True
+                data = msg.get("bytes")
+                if data is not None:
+                    if len(data) > limits.max_frame_bytes:
+                        return ("frame_too_large", f"binary message of {len(data)} bytes exceeds "
+                                f"{limits.max_frame_bytes}"), False
+                    received += len(data)
+                    if received / bytes_per_second > limits.max_stream_seconds:
+                        return ("stream_too_long", f"stream longer than {limits.max_stream_seconds} s"), False
+                    try:
+                        pipe.push(data)
+                    except DSPError as e:
+                        return ("bad_audio", str(e)), False
+                    # backpressure: past MAX_BACKLOG_SECONDS of unprocessed audio stop reading the socket (TCP then
+                    # slows the client); nothing is dropped
+                    while pipe.backlog_seconds() > MAX_BACKLOG_SECONDS and not pipe.done.is_set():
+                        await asyncio.sleep(0.02)
+                    continue
+                t = msg.get("text")
+                try:
+                    ctl = json.loads(t) if t and len(t) <= MAX_CONFIG_BYTES else None
+                except json.JSONDecodeError:
+                    ctl = None
+                if isinstance(ctl, dict) and ctl.get("type") in ("end", "eof"):
+                    return None, False
+                return ("bad_message", "after the config, send binary audio frames or {\"type\": \"end\"}"), False
+
         send_task = asyncio.create_task(sender())
         error = None
-        disconnected = started = False
+        disconnected = started = drained = False
         try:  # (scheduler owner) the session count is released in `finally` even if this task is cancelled / dropped
             try:
                 # a send to a client that already went away can hang: bounded
@@ -218,40 +293,24 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
                     "seq": -1})), timeout=10)
                 pipe.start()
                 started = True
-                while True:
-                    msg = await ws.receive()
-                    if msg["type"] == "websocket.disconnect":
-                        disconnected = True
-                        break
-                    data = msg.get("bytes")
-                    if data is not None:
-                        if len(data) > limits.max_frame_bytes:
-                            error = ("frame_too_large", f"binary message of {len(data)} bytes exceeds "
-                                     f"{limits.max_frame_bytes}")
-                            break
-                        received += len(data)
-                        if received / bytes_per_second > limits.max_stream_seconds:
-                            error = ("stream_too_long", f"stream longer than {limits.max_stream_seconds} s")
-                            break
+                # one reader task per stream; a server drain (shutdown) stops it between frames, and the stream
+                # then ends as if the client had sent {"type": "end"}: its finals and "end" still go out
+                reader = asyncio.create_task(read_audio())
+                stop = loop.create_future()
+                stops.add(stop)
+                try:
+                    await asyncio.wait({reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stops.discard(stop)
+                    if not reader.done():
+                        reader.cancel()
+                        drained = stop.done()
                         try:
-                            pipe.push(data)
-                        except DSPError as e:
-                            error = ("bad_audio", str(e))
-                            break
-                        # backpressure: past MAX_BACKLOG_SECONDS of unprocessed audio stop reading the socket (TCP then
-                        # slows the client); nothing is dropped
-                        while pipe.backlog_seconds() > MAX_BACKLOG_SECONDS and not pipe.done.is_set():
-                            await asyncio.sleep(0.02)
-                        continue
-                    t = msg.get("text")
-                    try:
-                        ctl = json.loads(t) if t and len(t) <= MAX_CONFIG_BYTES else None
-                    except json.JSONDecodeError:
-                        ctl = None
-                    if isinstance(ctl, dict) and ctl.get("type") in ("end", "eof"):
-                        break
-                    error = ("bad_message", "after the config, send binary audio frames or {\"type\": \"end\"}")
-                    break
+                            await reader
+                        except asyncio.CancelledError:
+                            pass
+                if not drained:
+                    error, disconnected = reader.result()
             except (WebSocketDisconnect, asyncio.TimeoutError, RuntimeError, OSError):
                 disconnected = True  # the client went away (a send or receive on a closed socket)
             finally:
@@ -267,7 +326,8 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
                         send_task.cancel()
                 if ws.application_state == WebSocketState.CONNECTED:
                     try:
-                        close_code = 1000 if error is None else protocol.ERRORS.get(error[0], 1008)
+                        close_code = (protocol.ERRORS["shutting_down"] if drained else
+                                      1000 if error is None else protocol.ERRORS.get(error[0], 1008))
                         await asyncio.wait_for(ws.close(code=close_code), timeout=10)
                     except Exception:
                         pass
@@ -278,13 +338,26 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
             pipe.close()
             state["sessions"] -= 1
 
+    async def drain(timeout: float = 30.0) -> int:
+        """Shutdown, first half: refuse new streams and end the open ones as if each client had sent "end" (their
+        finals and "end" go out, then a close with 1001). Returns how many streams were still open at the timeout."""
+        state["draining"] = True
+        for stop in list(stops):
+            if not stop.done():
+                stop.set_result(None)
+        deadline = time.monotonic() + timeout
+        while state["sessions"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return state["sessions"]
+
     routes = [
         Route("/", index),
-        Route("/health", health),
+        Route("/health", health_route),
         Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
         WebSocketRoute("/v1/stream", stream),
         Mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static"),
     ]
     app = Starlette(routes=routes)
     app.state.service = service
+    app.state.drain = drain
     return app

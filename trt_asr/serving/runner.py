@@ -1,0 +1,153 @@
+"""Running the app: one uvicorn server that drains its streams before it stops, or N such worker processes on one
+port (``serve --workers N``).
+
+Why workers: one Python process serving many streams runs the WebSocket event loop, the caption dispatcher and the
+scheduler's worker thread under one GIL. Workers are separate processes, each with its own model, scheduler and
+CUDA graphs on the same GPU, accepting from one listening socket (the kernel hands each connection to one of
+them). The stream limit stays global: every worker counts in the same shared-memory counter.
+
+Shutdown (SIGINT / SIGTERM, to the server or to the supervisor, which forwards SIGTERM): new streams are refused,
+the open ones end as if each client had sent ``{"type": "end"}`` (finals and ``end`` go out, then close code 1001),
+for at most ``drain_timeout`` seconds; then uvicorn's own shutdown. A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Callable
+
+import uvicorn
+
+from .app import MAX_FRAME_BYTES, Admission
+
+logger = logging.getLogger("trt_asr.serving")
+
+
+def uvicorn_options(log_level: str = "warning") -> dict:
+    """What every server of ours passes to uvicorn (the websockets sans-I/O protocol where installed)."""
+    try:
+        sansio = importlib.util.find_spec("uvicorn.protocols.websockets.websockets_sansio_impl") is not None
+    except ImportError:
+        sansio = False
+    return {"log_level": log_level, "ws_max_size": 4 * MAX_FRAME_BYTES, "ws": "websockets-sansio" if sansio else "auto"}
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown first stops accepting and lets the app drain its open streams."""
+
+    def __init__(self, config: uvicorn.Config, drain_timeout: float = 30.0):
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # no new connections while the open streams finish
+            server.close()
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if drain is not None and not self.force_exit:
+            task = asyncio.ensure_future(drain(self.drain_timeout))
+            while not task.done():
+                if self.force_exit:  # a second Ctrl-C
+                    task.cancel()
+                    break
+                await asyncio.sleep(0.05)
+            if task.done() and not task.cancelled() and task.result():
+                logger.warning("%d stream(s) still open after the %.0f s drain", task.result(), self.drain_timeout)
+        await super().shutdown(sockets=sockets)
+
+
+def serve_app(app, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
+              log_level: str = "warning", sockets: list[socket.socket] | None = None) -> None:
+    """Serve ``app`` in this process until SIGINT / SIGTERM, then drain (see the module docstring)."""
+    config = uvicorn.Config(app, host=host, port=port, **uvicorn_options(log_level))
+    DrainingServer(config, drain_timeout).run(sockets=sockets)
+
+
+def _worker(build: Callable, build_args: tuple, sock: socket.socket, sessions, ready, workers: int,
+            max_sessions: int, drain_timeout: float, log_level: str) -> None:
+    """One worker process: build the app (loads the model), count itself ready, serve the shared socket."""
+    # The supervisor forwards SIGTERM; a terminal's Ctrl-C also reaches every process of the group. uvicorn
+    # installs its own handlers while it serves and re-raises the signal afterwards, with these: a clean exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    app = build(*build_args, admission=Admission(max_sessions, sessions),
+                health=lambda: {"workers": workers, "workers_ready": ready.value, "worker_pid": os.getpid()})
+    with ready.get_lock():
+        ready.value += 1
+    serve_app(app, drain_timeout=drain_timeout, log_level=log_level, sockets=[sock])
+
+
+def serve_workers(build: Callable, build_args: tuple, workers: int, host: str = "127.0.0.1", port: int = 8000,
+                  max_sessions: int = 16, drain_timeout: float = 30.0, log_level: str = "warning",
+                  on_ready: Callable[[], None] | None = None, start_timeout: float = 900.0) -> int:
+    """Run ``workers`` processes, each serving ``build(*build_args, admission=..., health=...)`` (a picklable,
+    module-level function that returns the app; ``health`` adds the workers' state to GET /health) on one
+    listening socket. The supervisor loads nothing itself. If a worker dies,
+    the others are stopped and the exit code is 1: a server that silently lost part of its capacity is worse than
+    one that stops. Returns the exit code."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    sock = uvicorn.Config(app=None, host=host, port=port).bind_socket()
+    sessions, ready = ctx.Value("i", 0), ctx.Value("i", 0)
+    procs = [ctx.Process(target=_worker, name=f"trt-asr-worker-{i}",
+                         args=(build, build_args, sock, sessions, ready, workers, max_sessions, drain_timeout, log_level))
+             for i in range(workers)]
+    stopping = False
+
+    def stop(signum, frame):
+        nonlocal stopping
+        if stopping and signum == signal.SIGINT:  # second Ctrl-C: now
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            return
+        stopping = True
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        for p in procs:
+            p.start()
+        announced, started = False, time.monotonic()
+        while any(p.is_alive() for p in procs):
+            if not stopping and any(p.exitcode is not None for p in procs):
+                dead = [p for p in procs if p.exitcode is not None]
+                print(f"error: worker {dead[0].name} exited with code {dead[0].exitcode}; stopping the others",
+                      file=sys.stderr, flush=True)
+                code = 1
+                stop(signal.SIGTERM, None)
+            if not announced and ready.value >= workers:
+                announced = True
+                # every worker has its own copy of the socket by now (spawn hands it over when the worker starts);
+                # with ours closed, connecting once all workers stopped listening is refused, not left hanging
+                sock.close()
+                if on_ready is not None:
+                    on_ready()
+            if not announced and not stopping and time.monotonic() - started > start_timeout:
+                print(f"error: the workers did not start within {start_timeout:.0f} s", file=sys.stderr, flush=True)
+                code = 1
+                stop(signal.SIGTERM, None)
+            time.sleep(0.1)
+        for p in procs:
+            p.join()
+            if p.exitcode not in (0, None) and not stopping:
+                code = 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        sock.close()
+    return code
