@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -222,3 +224,56 @@ def test_an_inbox_bound_below_one_chunk_does_not_stall_the_stream(tiny_ca):
     alone.feed(torch.from_numpy(audio))
     alone.finish()
     assert st.done and st.session.tokens == alone.tokens
+
+
+def _alone_tokens(model, audio: np.ndarray) -> list:
+    alone = Recognizer(model, BatchedCacheAwareMode(model, capacity=1)).open()
+    alone.feed(torch.from_numpy(audio))
+    alone.finish()
+    return alone.tokens
+
+
+def test_batch_wait_holds_a_partial_step_but_never_a_full_one(tiny_ca):
+    """``batch_wait``: with fewer than ``max_batch`` streams ready a step waits until the oldest ready chunk is that
+    old; a full batch goes at once; synchronous driving never waits; every stream stays exact."""
+    rng = np.random.default_rng(3)
+    audios = [rng.standard_normal(16000).astype(np.float32) * 0.1 for _ in range(3)]
+    mode = BatchedCacheAwareMode(tiny_ca, capacity=3)
+    sched = StreamScheduler(Recognizer(tiny_ca, mode), SchedulerConfig(max_streams=3, max_batch=3, idle_timeout=None,
+                                                                        batch_wait=30.0))
+    streams = [sched.open() for _ in audios]
+    t0 = time.monotonic()
+    for st, a in zip(streams[:2], audios[:2]):
+        st.push(a)
+    assert sched.step() == 0 and len(sched._ready) == 2  # two ready, held
+    assert t0 + 30.0 <= sched._hold_until <= time.monotonic() + 30.0
+    streams[2].push(audios[2])
+    assert sched.step() == 3  # a full batch does not wait
+    assert sched.step() == 3  # all three hold their next chunk already: full again
+    for st in streams:
+        st.end()
+    assert sched.run_until_idle() > 0 and not sched._ready  # synchronous driving does not hold
+    for st, a in zip(streams, audios):
+        assert st.samples_in == a.size and st.session.tokens == _alone_tokens(tiny_ca, a)
+
+
+def test_the_worker_steps_a_held_batch_when_its_wait_is_over(tiny_ca):
+    """The worker thread steps a held batch once its wait is over, with no further push to wake it."""
+    mode = BatchedCacheAwareMode(tiny_ca, capacity=2)
+    wait = 0.4
+    sched = StreamScheduler(Recognizer(tiny_ca, mode), SchedulerConfig(max_streams=2, max_batch=2, idle_timeout=None,
+                                                                        batch_wait=wait)).start()
+    try:
+        st = sched.open()
+        audio = np.random.default_rng(4).standard_normal(8000).astype(np.float32) * 0.1
+        t0 = time.monotonic()
+        st.push(audio)
+        events = next(iter(st.events(timeout=20)), None)
+        waited = time.monotonic() - t0
+        assert events is not None and not isinstance(events, ErrorEvent)
+        assert waited >= wait * 0.9, waited  # it was held (the chunk was ready long before)
+        st.end()
+        list(st.events(timeout=20))
+        assert st.session.tokens == _alone_tokens(tiny_ca, audio)
+    finally:
+        sched.stop(drain=False)

@@ -108,6 +108,9 @@ def register(sub) -> None:
     lp.add_argument("--clients-per-process", type=int, default=32,
                     help="WebSocket clients per load-generator process (one asyncio loop each; the clients of one "
                     "loop share its CPU, so past a few dozen the generator itself adds to the latency tail)")
+    lp.add_argument("--batch-wait-ms", type=float, default=0.0, metavar="MS",
+                    help="scheduler: with fewer than --max-batch streams ready, wait until the oldest ready chunk is "
+                    "this old (fuller steps of a fixed batch shape; the wait counts in the latency)")
     lp.add_argument("--server-workers", type=int, default=1, metavar="N",
                     help="our own server: N worker processes on one port (as `trt-asr serve --workers N`)")
     lp.add_argument("--processes", type=int, default=1, metavar="P",
@@ -343,7 +346,8 @@ def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float
     else:
         rec = Recognizer(model, mode, **params)
     sched = StreamScheduler(rec, SchedulerConfig(max_streams=k, max_batch=args.max_batch, idle_timeout=None,
-                                                 max_buffer_seconds=max(30.0, 4 * chunk_s)))
+                                                 max_buffer_seconds=max(30.0, 4 * chunk_s),
+                                                 batch_wait=args.batch_wait_ms / 1000))
     frame = int(args.frame_ms / 1000 * RATE)
     rng = np.random.default_rng(args.seed)
     offsets = rng.uniform(0, chunk_s, k)
@@ -435,7 +439,8 @@ def start_server(args, mode: str, params: dict, max_sessions: int, wait: bool = 
             "state": cache_aware_state(args, mode) or "auto",
             "port": port, "max_sessions": max_sessions, "batching": args.server_batching,
             "dispatch": getattr(args, "caption_dispatch", "shared"),
-            "max_batch": args.max_batch, "workers": getattr(args, "server_workers", 1)}
+            "max_batch": args.max_batch, "workers": getattr(args, "server_workers", 1),
+            "batch_wait_ms": getattr(args, "batch_wait_ms", 0.0)}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"trt_asr_bench_server_{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", "from trt_asr.cli.bench import _serve_main; _serve_main()",
                              json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT)
@@ -500,7 +505,7 @@ def _bench_app(spec: dict, admission=None, health=None):
         state = {"per-stream": "per-stream", "pooled": "per-stream"}.get(spec.get("state"), "auto")
         svc._shared = CaptionSchedulerPool(model, spec["mode"], SchedulerConfig(
             max_streams=spec["max_sessions"] + 2, max_batch=spec["max_batch"], idle_timeout=None,
-            sample_rate=model.cfg.sample_rate), state=state, **with_engine(model, spec["mode"], spec["params"],
+            sample_rate=model.cfg.sample_rate, batch_wait=spec.get("batch_wait_ms", 0.0) / 1000), state=state, **with_engine(model, spec["mode"], spec["params"],
                                                                            spec.get("engine", "torch"),
                                                                            spec.get("kv_cache", "layer_input"),
                                                                            spec.get("compile_mode")))
@@ -764,6 +769,9 @@ def run_load(args) -> int:
     if args.send_tick_ms < 0:
         print(f"error: --send-tick-ms must be >= 0, not {args.send_tick_ms:g}", file=sys.stderr)
         return 2
+    if args.batch_wait_ms < 0:
+        print(f"error: --batch-wait-ms must be >= 0, not {args.batch_wait_ms:g}", file=sys.stderr)
+        return 2
     if args.server_workers < 1 or (args.server_workers > 1 and (args.in_process or args.url)):
         print("error: --server-workers N (N >= 1) is for runs against our own server (no --in-process, no --url)",
               file=sys.stderr)
@@ -902,6 +910,7 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "features_normalize": (None if model is None else model.cfg.preprocessor.normalize),
         "dtype": args.dtype, "duration_s": args.duration, "frame_ms": args.frame_ms,
         "send_tick_ms": getattr(args, "send_tick_ms", None), "max_batch": args.max_batch,
+        "batch_wait_ms": getattr(args, "batch_wait_ms", 0.0), "server_workers": getattr(args, "server_workers", 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
         "runs": runs,
     }

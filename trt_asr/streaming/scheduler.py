@@ -61,6 +61,9 @@ __all__ = ["AdmissionError", "ErrorEvent", "ScheduledStream", "SchedulerConfig",
 class SchedulerConfig:
     max_streams: int = 64            # admission control: open streams at most
     max_batch: int = 32              # streams in one step at most (fairness: the rest wait for the next step)
+    # with fewer than max_batch ready, a step waits until the oldest ready chunk's audio is this old (seconds): fuller
+    # steps for a fixed batch shape, whose cost does not depend on how many rows are real; 0: step at once
+    batch_wait: float = 0.0
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     max_buffer_seconds: float = 20.0  # audio a stream may queue beyond its next chunk before push() blocks
     piece_seconds: float = 0.25      # inbox pieces are coalesced / split to about this size
@@ -601,6 +604,7 @@ class StreamScheduler:
         # streams whose inbox, end or readiness may have changed since the last intake (under _lock): intake visits
         # only these (O(active), not O(open)); a full pass every ``_FULL_SCAN_S`` covers the idle timeouts
         self._touched: dict[int, ScheduledStream] = {}
+        self._hold_until: float | None = None  # a step held for config.batch_wait until then
         self._next_full_scan = 0.0
         # streams seen ready and not stepped yet (worker thread only): a stream waiting for a step is not revisited
         self._ready: dict[int, ScheduledStream] = {}
@@ -694,7 +698,7 @@ class StreamScheduler:
     def run_until_idle(self, max_steps: int = 1_000_000) -> int:
         """Synchronous driving (tests, in-process bench): step until nothing is ready. Returns steps run."""
         n = 0
-        while n < max_steps and self.step():
+        while n < max_steps and self.step(hold=False):
             n += 1
         return n
 
@@ -717,25 +721,36 @@ class StreamScheduler:
             if n == 0:
                 with self._lock:
                     if not self._work and not self._stop:
-                        self._wake_cond.wait(0.05)
+                        hold = self._hold_until
+                        self._wake_cond.wait(0.05 if hold is None else min(0.05, max(0.0, hold - time.monotonic())))
                     self._work = False
         with self._engine_lock:  # nothing run is left undelivered
             self._deliver_pending()
 
-    def step(self) -> int:
+    def step(self, hold: bool = True) -> int:
         """Intake + housekeeping + ONE batched step of the oldest-ready streams. Returns streams stepped (0: none
-        ready; intake may still have happened)."""
+        ready, or held for ``batch_wait``; intake may still have happened). ``hold=False``: never wait for a
+        fuller batch."""
         with self._engine_lock:
             t0 = time.perf_counter()
-            self._intake(time.monotonic())
+            now = time.monotonic()
+            self._intake(now)
             ready = self._ready
             gone = [i for i, st in ready.items() if st._closed or st.finished]
             for i in gone:
                 del ready[i]
             self.stats.phase_seconds["intake"] += time.perf_counter() - t0
+            self._hold_until = None
             if not ready:
                 self._deliver_pending()
                 return 0
+            wait = self.config.batch_wait
+            if hold and wait > 0 and len(ready) < self.config.max_batch:
+                until = min(st._ready_at or now for st in ready.values()) + wait
+                if time.monotonic() < until:  # a fuller step is worth the wait: the shape costs the same
+                    self._hold_until = until
+                    self._deliver_pending()
+                    return 0
             # FIFO: oldest ready, then longest unserved
             if len(ready) <= self.config.max_batch:
                 batch = sorted(ready.values(), key=_service_key)
