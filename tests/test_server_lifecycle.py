@@ -206,3 +206,18 @@ def test_load_tool_against_its_own_server_with_workers(tmp_path):
         with pytest.raises(SystemExit) as e:
             sys.exit(main(common + ["--streams", "2", "--server-workers", "2", *bad]))
         assert e.value.code == 2
+
+
+@pytest.mark.parametrize("flag", [[], ["--ws-deflate"]])
+def test_permessage_deflate_only_when_asked(model, pcm, flag):
+    """The client offers permessage-deflate (as browsers do); the server takes it only with --ws-deflate, and the
+    stream is the same either way."""
+    with serve(*flag) as (proc, port):
+        c = OpenStream(port)
+        ext = c.ws.response.headers.get("Sec-WebSocket-Extensions") or ""
+        c.send(pcm)
+        c.ws.send(json.dumps({"type": "end"}))
+        c.read_until_closed(120)
+    assert ("permessage-deflate" in ext) == bool(flag), ext
+    check_stream_invariants(c.events)
+    assert finals_text(c.events) == stream_reference(model, pcm.astype(np.float32) / 32768.0)

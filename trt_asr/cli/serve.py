@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent WebSocket streams (all workers)")
     p.add_argument("--workers", type=int, default=1, help="server processes on one port, each with its own model "
                    "and scheduler on the same device (one process's GIL limits how many streams it can carry)")
+    p.add_argument("--ws-deflate", action="store_true", help="accept WebSocket permessage-deflate (off: zlib on "
+                   "every audio frame costs CPU per message and 16-bit PCM hardly compresses)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGINT / SIGTERM: seconds the open streams "
                    "get to finish (their finals and 'end' go out, then close code 1001)")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="POST /v1/audio/transcriptions limit")
@@ -70,9 +72,10 @@ def run(args) -> int:
             return int(e.code or 0)
         svc = app.state.service
         print(f"trt-asr serve: {where} (model {svc.model_name}, mode {svc.mode})", file=sys.stderr, flush=True)
-        serve_app(app, args.host, args.port, args.drain_timeout, args.log_level)
+        serve_app(app, args.host, args.port, args.drain_timeout, args.log_level, ws_deflate=args.ws_deflate)
         return 0
     return serve_workers(build_app, (args,), args.workers, args.host, args.port, args.max_sessions,
                          args.drain_timeout, args.log_level,
                          on_ready=lambda: print(f"trt-asr serve: {where} ({args.workers} workers, mode {args.mode})",
-                                                file=sys.stderr, flush=True))
+                                                file=sys.stderr, flush=True),
+                         ws_deflate=args.ws_deflate)

@@ -31,13 +31,16 @@ from .app import MAX_FRAME_BYTES, Admission
 logger = logging.getLogger("trt_asr.serving")
 
 
-def uvicorn_options(log_level: str = "warning") -> dict:
-    """What every server of ours passes to uvicorn (the websockets sans-I/O protocol where installed)."""
+def uvicorn_options(log_level: str = "warning", ws_deflate: bool = False) -> dict:
+    """What every server of ours passes to uvicorn: the websockets sans-I/O protocol where installed, and no
+    permessage-deflate unless asked (browsers and the websockets client offer it; zlib on every PCM frame and event
+    costs both ends CPU per message, and 16-bit PCM hardly compresses)."""
     try:
         sansio = importlib.util.find_spec("uvicorn.protocols.websockets.websockets_sansio_impl") is not None
     except ImportError:
         sansio = False
-    return {"log_level": log_level, "ws_max_size": 4 * MAX_FRAME_BYTES, "ws": "websockets-sansio" if sansio else "auto"}
+    return {"log_level": log_level, "ws_max_size": 4 * MAX_FRAME_BYTES, "ws": "websockets-sansio" if sansio else "auto",
+            "ws_per_message_deflate": ws_deflate}
 
 
 class DrainingServer(uvicorn.Server):
@@ -64,14 +67,14 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve_app(app, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
-              log_level: str = "warning", sockets: list[socket.socket] | None = None) -> None:
+              log_level: str = "warning", sockets: list[socket.socket] | None = None, ws_deflate: bool = False) -> None:
     """Serve ``app`` in this process until SIGINT / SIGTERM, then drain (see the module docstring)."""
-    config = uvicorn.Config(app, host=host, port=port, **uvicorn_options(log_level))
+    config = uvicorn.Config(app, host=host, port=port, **uvicorn_options(log_level, ws_deflate))
     DrainingServer(config, drain_timeout).run(sockets=sockets)
 
 
 def _worker(build: Callable, build_args: tuple, sock: socket.socket, sessions, ready, workers: int,
-            max_sessions: int, drain_timeout: float, log_level: str) -> None:
+            max_sessions: int, drain_timeout: float, log_level: str, ws_deflate: bool) -> None:
     """One worker process: build the app (loads the model), count itself ready, serve the shared socket."""
     # The supervisor forwards SIGTERM; a terminal's Ctrl-C also reaches every process of the group. uvicorn
     # installs its own handlers while it serves and re-raises the signal afterwards, with these: a clean exit.
@@ -81,12 +84,13 @@ def _worker(build: Callable, build_args: tuple, sock: socket.socket, sessions, r
                 health=lambda: {"workers": workers, "workers_ready": ready.value, "worker_pid": os.getpid()})
     with ready.get_lock():
         ready.value += 1
-    serve_app(app, drain_timeout=drain_timeout, log_level=log_level, sockets=[sock])
+    serve_app(app, drain_timeout=drain_timeout, log_level=log_level, sockets=[sock], ws_deflate=ws_deflate)
 
 
 def serve_workers(build: Callable, build_args: tuple, workers: int, host: str = "127.0.0.1", port: int = 8000,
                   max_sessions: int = 16, drain_timeout: float = 30.0, log_level: str = "warning",
-                  on_ready: Callable[[], None] | None = None, start_timeout: float = 900.0) -> int:
+                  on_ready: Callable[[], None] | None = None, start_timeout: float = 900.0,
+                  ws_deflate: bool = False) -> int:
     """Run ``workers`` processes, each serving ``build(*build_args, admission=..., health=...)`` (a picklable,
     module-level function that returns the app; ``health`` adds the workers' state to GET /health) on one
     listening socket. The supervisor loads nothing itself. If a worker dies,
@@ -98,7 +102,8 @@ def serve_workers(build: Callable, build_args: tuple, workers: int, host: str = 
     sock = uvicorn.Config(app=None, host=host, port=port).bind_socket()
     sessions, ready = ctx.Value("i", 0), ctx.Value("i", 0)
     procs = [ctx.Process(target=_worker, name=f"trt-asr-worker-{i}",
-                         args=(build, build_args, sock, sessions, ready, workers, max_sessions, drain_timeout, log_level))
+                         args=(build, build_args, sock, sessions, ready, workers, max_sessions, drain_timeout, log_level,
+                               ws_deflate))
              for i in range(workers)]
     stopping = False
 
