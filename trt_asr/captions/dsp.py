@@ -33,14 +33,14 @@ class PCMDecoder:
         self._rest = b""
 
     def decode(self, data: bytes) -> np.ndarray:
-        buf = self._rest + bytes(data)
+        buf = self._rest + data if self._rest else data  # whole frames (the usual case): no copy
         n = len(buf) // self.frame_bytes * self.frame_bytes
-        self._rest = buf[n:]
-        x = np.frombuffer(buf[:n], dtype=self.dtype).astype(np.float32)
+        self._rest = bytes(buf[n:])
+        x = np.frombuffer(buf, dtype=self.dtype, count=n // self.dtype.itemsize).astype(np.float32)
         if self.scale != 1.0:
-            x /= self.scale
+            x *= 1.0 / self.scale  # exact: the scale is a power of two
         x = x.reshape(-1, self.channels)
-        if not np.isfinite(x).all():
+        if self.dtype.kind == "f" and not np.isfinite(x).all():  # integer PCM is always finite
             raise DSPError("audio contains NaN or infinite samples")
         return x
 

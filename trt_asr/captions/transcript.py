@@ -141,6 +141,7 @@ class TranscriptState:
         self.audio_end = 0.0
         self.ended = False
         self._endpoints: list[float] = []  # utterance ends (audio time) waiting for the engine to finalise them
+        self._decoded: dict[tuple[int, ...], str] = {}  # token ids -> decoded text (bounded)
 
     def add_endpoint(self, time: float) -> None:
         """An utterance ended at ``time`` (e.g. the VAD saw silence): the open segment closes there as soon as
@@ -152,9 +153,17 @@ class TranscriptState:
     def decode(self, tokens: Sequence[Token]) -> str:
         if not tokens:
             return ""
-        if self._decode is not None:
-            return " ".join(self._decode([t.id for t in tokens]).split())
-        return default_decode([t.id for t in tokens], tokens)
+        if self._decode is None:
+            return default_decode([t.id for t in tokens], tokens)
+        # every update decodes the open segment, the tail and each word again, nearly all unchanged since the last
+        # update; a SentencePiece call costs tens of microseconds, a dict lookup well under one
+        key = tuple(t.id for t in tokens)
+        text = self._decoded.get(key)
+        if text is None:
+            if len(self._decoded) >= 512:
+                self._decoded.clear()
+            text = self._decoded[key] = " ".join(self._decode(list(key)).split())
+        return text
 
     def words(self, tokens: Sequence[Token], stable: bool = True) -> list[Word]:
         groups: list[list[Token]] = []
