@@ -250,9 +250,16 @@ def test_batch_wait_holds_a_partial_step_but_never_a_full_one(tiny_ca):
     streams[2].push(audios[2])
     assert sched.step() == 3  # a full batch does not wait
     assert sched.step() == 3  # all three hold their next chunk already: full again
-    for st in streams:
+    sched.run_until_idle()  # every chunk so far stepped (synchronous driving does not hold)
+    assert not sched._ready
+    streams[0].push(audios[0][:8000])
+    assert sched.step() == 0 and len(sched._ready) == 1  # held
+    streams[0].end()
+    assert sched.step() == 1  # an ended stream is not held: its client waits for the final
+    for st in streams[1:]:
         st.end()
-    assert sched.run_until_idle() > 0 and not sched._ready  # synchronous driving does not hold
+    assert sched.run_until_idle() > 0 and not sched._ready
+    audios[0] = np.concatenate([audios[0], audios[0][:8000]])
     for st, a in zip(streams, audios):
         assert st.samples_in == a.size and st.session.tokens == _alone_tokens(tiny_ca, a)
 

@@ -524,6 +524,7 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
     send_t = np.zeros(len(frames))
     ends = np.cumsum([f.size for f in frames]) / RATE
     lat: list[float] = []
+    lat_final: list[float] = []  # of the finals alone (at the end of a stream: its last chunk and the flush)
     finals: list[dict] = []
     errors: list[str] = []
     end_ev = None
@@ -548,6 +549,8 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
                         idx = int(np.searchsorted(ends, e["audio_end"] - 1e-6))
                         if idx < len(frames) and send_t[idx] > 0:
                             lat.append(now - send_t[idx])
+                            if t == "final":
+                                lat_final.append(now - send_t[idx])
                     if t == "final":
                         finals.append(e)
                     elif t == "error":
@@ -574,7 +577,7 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
         piece = (f.get("text") or "").strip()
         if piece:
             text = text + piece if (f.get("continues_word") and text) else (text + " " + piece).strip()
-    out.update(lat=lat, text=text, errors=errors, end=end_ev, sent=audio.size / RATE)
+    out.update(lat=lat, lat_final=lat_final, text=text, errors=errors, end=end_ev, sent=audio.size / RATE)
 
 
 def _client_group(url, audios, frame: int, starts, token, timeout: float, limit: float) -> list[dict]:
@@ -624,7 +627,8 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
         else:
             lost += r.get("sent", 0.0)
     return {"audios": audios, "texts": [r.get("text", "") for r in results], "errors": errors,
-            "latency": percentiles_ms(lat), "step_latency": None, "lost_audio_seconds": round(lost, 3),
+            "latency": percentiles_ms(lat), "step_latency": None,
+            "final_latency": percentiles_ms([x for r in results for x in r.get("lat_final", [])]), "lost_audio_seconds": round(lost, 3),
             "gpu_utilization": gpu.summary(), "wall_seconds": round(wall, 2), "sent_seconds": args.duration * k,
             "server_latency": _server_side_latency(results)}
 
@@ -866,7 +870,8 @@ def run_load(args) -> int:
                    "p99_latency_ms": p99, "event_latency_ms": r["latency"], "step_latency_ms": r["step_latency"],
                    "gpu_utilization": r["gpu_utilization"], "errors": r["errors"][:20],
                    "n_errors": len(r["errors"]), "seconds": round(time.monotonic() - t0, 2)}
-            for key in ("scheduler", "refused_pushes", "drain_seconds", "wall_seconds", "server_latency"):
+            for key in ("scheduler", "refused_pushes", "drain_seconds", "wall_seconds", "server_latency",
+                        "final_latency"):
                 if key in r:
                     run[key] = r[key]
             runs.append(run)

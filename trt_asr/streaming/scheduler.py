@@ -747,7 +747,9 @@ class StreamScheduler:
             wait = self.config.batch_wait
             if hold and wait > 0 and len(ready) < self.config.max_batch:
                 until = min(st._ready_at or now for st in ready.values()) + wait
-                if time.monotonic() < until:  # a fuller step is worth the wait: the shape costs the same
+                # a fuller step is worth the wait (the shape costs the same), but not for a stream that ended: no
+                # audio will come to it, and its client waits for the final
+                if time.monotonic() < until and not any(st._ended for st in ready.values()):
                     self._hold_until = until
                     self._deliver_pending()
                     return 0
