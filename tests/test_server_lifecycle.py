@@ -221,3 +221,28 @@ def test_permessage_deflate_only_when_asked(model, pcm, flag):
     assert ("permessage-deflate" in ext) == bool(flag), ext
     check_stream_invariants(c.events)
     assert finals_text(c.events) == stream_reference(model, pcm.astype(np.float32) / 32768.0)
+
+
+def test_serve_batching_options_reach_the_scheduler(model, pcm):
+    """serve --fixed-batch 2 --max-batch 2 --batch-wait-ms 30: the ready event says the mode runs fixed 2-row calls;
+    two concurrent streams each get exactly the transcript of the same fixed-shape mode alone; bad values refused."""
+    from trt_asr.streaming import transcribe_streaming
+
+    with serve("--fixed-batch", "2", "--max-batch", "2", "--batch-wait-ms", "30") as (proc, port):
+        a, b = OpenStream(port), OpenStream(port)
+        assert a.events[0]["params"].get("fixed_batch") == 2, a.events[0]
+        for c in (a, b):
+            c.send(pcm)
+            c.ws.send(json.dumps({"type": "end"}))
+        for c in (a, b):
+            c.read_until_closed(120)
+    audio = pcm.astype(np.float32) / 32768.0
+    expected = " ".join(transcribe_streaming(model, [audio], mode="buffered", fixed_batch=2, **STREAM)[0].text.split())
+    assert expected
+    for c in (a, b):
+        check_stream_invariants(c.events)
+        assert finals_text(c.events) == expected
+    for bad in (["--fixed-batch", "0"], ["--max-batch", "0"], ["--batch-wait-ms", "-1"]):
+        r = subprocess.run([sys.executable, "-m", "trt_asr", "serve", "--port", str(free_port()), *bad],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "must be" in r.stderr, r.stderr

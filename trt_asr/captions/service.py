@@ -52,6 +52,7 @@ class CaptionService:
     normalize_gain: bool = False
     batching: str = "scheduler"  # "scheduler": one StreamScheduler worker batches all streams; "lock": SharedRecognizer
     dispatch: str = "shared"  # with the scheduler: "shared" caption dispatcher thread, or "thread" per stream
+    scheduler_config: object = None  # a StreamScheduler's SchedulerConfig (None: the pool's defaults)
 
     def __post_init__(self):
         self._shared = None
@@ -60,7 +61,7 @@ class CaptionService:
         if self.mode != "redecode" and self.batching == "scheduler":
             from ..streaming.scheduler import CaptionSchedulerPool  # FIFO batches, backpressure, isolation
 
-            self._shared = CaptionSchedulerPool(self.model, self.mode, **self.params)
+            self._shared = CaptionSchedulerPool(self.model, self.mode, self.scheduler_config, **self.params)
         elif self.mode != "redecode":
             self._shared = SharedRecognizer(self.model, self.mode.replace("-", "_"), **self.params)
 
@@ -77,8 +78,24 @@ class CaptionService:
         params = {}
         if args.mode == "buffered":
             params = {"left_secs": args.left_secs, "chunk_secs": args.chunk_secs, "right_secs": args.right_secs}
+        fixed = getattr(args, "fixed_batch", None)  # serve: one batch shape per engine call
+        if fixed:
+            if args.mode == "buffered":
+                params["fixed_batch"] = fixed
+            elif args.mode == "cache-aware" and not model.cfg.preprocessor.normalize:
+                params["buckets"] = [fixed]
+            else:
+                raise ValueError("--fixed-batch needs --mode buffered, or --mode cache-aware with a model whose "
+                                 "features are not normalised per utterance (the batched cache-aware state)")
+        config = None
+        if hasattr(args, "max_sessions"):  # serve: the scheduler's bounds follow the server's
+            from ..streaming.scheduler import SchedulerConfig
+
+            config = SchedulerConfig(max_streams=args.max_sessions + 2, max_batch=max(args.max_batch, fixed or 0),
+                                     batch_wait=args.batch_wait_ms / 1000, idle_timeout=None,
+                                     sample_rate=model.cfg.sample_rate)
         return cls(model, args.mode, params, args.commit, args.commit_age_ms, args.commit_after_updates,
-                   args.endpoint_ms or None, args.vad_hangover_ms, args.normalize_gain)
+                   args.endpoint_ms or None, args.vad_hangover_ms, args.normalize_gain, scheduler_config=config)
 
     @property
     def sample_rate(self) -> int:

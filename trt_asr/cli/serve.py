@@ -18,6 +18,12 @@ def register(sub) -> None:
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent WebSocket streams (all workers)")
     p.add_argument("--workers", type=int, default=1, help="server processes on one port, each with its own model "
                    "and scheduler on the same device (one process's GIL limits how many streams it can carry)")
+    g = p.add_argument_group("batching (one scheduler per worker batches all its streams)")
+    g.add_argument("--max-batch", type=int, default=32, help="streams in one engine step at most")
+    g.add_argument("--fixed-batch", type=int, default=None, metavar="S", help="every engine call has exactly S rows "
+                   "(one shape: CUDA graphs, and each stream bitwise the same as alone in any precision)")
+    g.add_argument("--batch-wait-ms", type=float, default=0.0, help="with fewer than --max-batch streams ready, wait "
+                   "up to this long for more (fuller fixed-shape steps; adds to latency)")
     p.add_argument("--ws-deflate", action="store_true", help="accept WebSocket permessage-deflate (off: zlib on "
                    "every audio frame costs CPU per message and 16-bit PCM hardly compresses)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGINT / SIGTERM: seconds the open streams "
@@ -57,6 +63,9 @@ def run(args) -> int:
 
     if args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    if args.max_batch < 1 or (args.fixed_batch is not None and args.fixed_batch < 1) or args.batch_wait_ms < 0:
+        print("error: --max-batch and --fixed-batch must be >= 1, --batch-wait-ms >= 0", file=sys.stderr)
         return 2
     if args.drain_timeout < 0:
         print(f"error: --drain-timeout must be >= 0, got {args.drain_timeout}", file=sys.stderr)
