@@ -44,6 +44,13 @@ def tiny():
     return load_model("random:tiny")
 
 
+def _alone_tokens(model, audio: np.ndarray) -> list:
+    alone = Recognizer(model, BatchedCacheAwareMode(model, capacity=1)).open()
+    alone.feed(torch.from_numpy(audio))
+    alone.finish()
+    return alone.tokens
+
+
 def _modes(tiny, tiny_ca):
     return {"buffered": lambda: BufferedMode(tiny, left_secs=0.64, chunk_secs=0.32, right_secs=0.16),
             "cache_aware": lambda: BatchedCacheAwareMode(tiny_ca, capacity=2)}
@@ -110,10 +117,8 @@ def test_small_frames_cost_about_one_visit_per_chunk(tiny_ca, hook):
     st.end()
     sched.run_until_idle()
     tokens = [(t.id, t.frame, t.duration) for ev in st.poll() if not isinstance(ev, ErrorEvent) for t in ev.committed]
-    alone = Recognizer(tiny_ca, BatchedCacheAwareMode(tiny_ca, capacity=1)).open()
-    alone.feed(torch.from_numpy(audio))
-    alone.finish()
-    assert st.session.tokens == alone.tokens and len(tokens) == len(alone.tokens)
+    alone = _alone_tokens(tiny_ca, audio)
+    assert st.session.tokens == alone and len(tokens) == len(alone)
 
 
 class _GuardedMode(BatchedCacheAwareMode):
@@ -172,10 +177,7 @@ def test_intake_during_a_step_skips_its_streams_and_stays_exact(tiny_ca):
         assert st.samples_in == a.size
         events = st.poll()
         assert not any(isinstance(ev, ErrorEvent) for ev in events) and events[-1].final
-        alone = Recognizer(tiny_ca, BatchedCacheAwareMode(tiny_ca, capacity=1)).open()
-        alone.feed(torch.from_numpy(a))
-        alone.finish()
-        assert st.session.tokens == alone.tokens
+        assert st.session.tokens == _alone_tokens(tiny_ca, a)
 
 
 @settings(max_examples=200, deadline=None)
@@ -220,17 +222,7 @@ def test_an_inbox_bound_below_one_chunk_does_not_stall_the_stream(tiny_ca):
         sched.step()
     st.end()
     sched.run_until_idle()
-    alone = Recognizer(tiny_ca, BatchedCacheAwareMode(tiny_ca, capacity=1)).open()
-    alone.feed(torch.from_numpy(audio))
-    alone.finish()
-    assert st.done and st.session.tokens == alone.tokens
-
-
-def _alone_tokens(model, audio: np.ndarray) -> list:
-    alone = Recognizer(model, BatchedCacheAwareMode(model, capacity=1)).open()
-    alone.feed(torch.from_numpy(audio))
-    alone.finish()
-    return alone.tokens
+    assert st.done and st.session.tokens == _alone_tokens(tiny_ca, audio)
 
 
 def test_batch_wait_holds_a_partial_step_but_never_a_full_one(tiny_ca):
