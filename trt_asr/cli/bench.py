@@ -503,12 +503,11 @@ def _bench_app(spec: dict, admission=None, health=None):
         from ..streaming.scheduler import CaptionSchedulerPool, SchedulerConfig
 
         state = {"per-stream": "per-stream", "pooled": "per-stream"}.get(spec.get("state"), "auto")
-        svc._shared = CaptionSchedulerPool(model, spec["mode"], SchedulerConfig(
-            max_streams=spec["max_sessions"] + 2, max_batch=spec["max_batch"], idle_timeout=None,
-            sample_rate=model.cfg.sample_rate, batch_wait=spec.get("batch_wait_ms", 0.0) / 1000), state=state, **with_engine(model, spec["mode"], spec["params"],
-                                                                           spec.get("engine", "torch"),
-                                                                           spec.get("kv_cache", "layer_input"),
-                                                                           spec.get("compile_mode")))
+        config = SchedulerConfig(max_streams=spec["max_sessions"] + 2, max_batch=spec["max_batch"], idle_timeout=None,
+                                 sample_rate=model.cfg.sample_rate, batch_wait=spec.get("batch_wait_ms", 0.0) / 1000)
+        params = with_engine(model, spec["mode"], spec["params"], spec.get("engine", "torch"),
+                             spec.get("kv_cache", "layer_input"), spec.get("compile_mode"))
+        svc._shared = CaptionSchedulerPool(model, spec["mode"], config, state=state, **params)
         mode = svc._shared.recognizer.mode
         if hasattr(mode, "warmup") and model.device.type == "cuda":  # CUDA graphs of every bucket before traffic
             mode.warmup(min(spec["max_batch"], spec["max_sessions"]))
@@ -628,7 +627,8 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
             lost += r.get("sent", 0.0)
     return {"audios": audios, "texts": [r.get("text", "") for r in results], "errors": errors,
             "latency": percentiles_ms(lat), "step_latency": None,
-            "final_latency": percentiles_ms([x for r in results for x in r.get("lat_final", [])]), "lost_audio_seconds": round(lost, 3),
+            "final_latency": percentiles_ms([x for r in results for x in r.get("lat_final", [])]),
+            "lost_audio_seconds": round(lost, 3),
             "gpu_utilization": gpu.summary(), "wall_seconds": round(wall, 2), "sent_seconds": args.duration * k,
             "server_latency": _server_side_latency(results)}
 

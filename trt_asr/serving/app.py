@@ -95,7 +95,8 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
                admission: Admission | None = None, health: Callable[[], dict] | None = None) -> Starlette:
     limits = limits or Limits()
     admission = admission or Admission(limits.max_sessions)
-    state = {"sessions": 0, "started": time.time(), "streams_total": 0, "draining": False}  # sessions: this process's open streams
+    # sessions: this process's open streams (the admission count may be all workers')
+    state = {"sessions": 0, "started": time.time(), "streams_total": 0, "draining": False}
     stops: set[asyncio.Future] = set()  # one per open stream: resolved by a drain (futures of the serving loop)
     offline_lock = threading.Lock()
     transcriber = None

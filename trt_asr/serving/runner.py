@@ -102,8 +102,8 @@ def serve_workers(build: Callable, build_args: tuple, workers: int, host: str = 
     sock = uvicorn.Config(app=None, host=host, port=port).bind_socket()
     sessions, ready = ctx.Value("i", 0), ctx.Value("i", 0)
     procs = [ctx.Process(target=_worker, name=f"trt-asr-worker-{i}",
-                         args=(build, build_args, sock, sessions, ready, workers, max_sessions, drain_timeout, log_level,
-                               ws_deflate))
+                         args=(build, build_args, sock, sessions, ready, workers, max_sessions, drain_timeout,
+                               log_level, ws_deflate))
              for i in range(workers)]
     stopping = False
 
