@@ -148,6 +148,8 @@ def test_workers_share_one_stream_limit_and_match_alone(model, pcm):
     with serve("--workers", "2", max_sessions=2) as (proc, port):
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
         assert health["workers"] == 2 and health["workers_ready"] == 2
+        # each worker froze its start-up heap (model, tokenizer) out of the collector's way, and counts pauses
+        assert health["gc"]["frozen_objects"] > 10_000 and len(health["gc"]["collections"]) == 3
         a, b = OpenStream(port), OpenStream(port)
         with ws_client.connect(f"ws://127.0.0.1:{port}/v1/stream", open_timeout=10) as ws:
             refused = json.loads(ws.recv(timeout=10))
@@ -196,12 +198,13 @@ def test_load_tool_against_its_own_server_with_workers(tmp_path):
     out = tmp_path / "s.json"
     common = ["bench", "load", "--duration", "1.5", "--model", "random:tiny", "--left-secs", "1", "--chunk-secs",
               "0.5", "--right-secs", "0.5", "--latency-budget-ms", "10000", "--drain-timeout", "30"]
-    main(common + ["--streams", "4", "--server-workers", "2", "--summary-json", str(out)])
+    main(common + ["--streams", "4", "--server-workers", "2", "--end-spread", "1.0", "--summary-json", str(out)])
     d = json.loads(out.read_text())
     run = d["runs"][0]
     assert run["n_errors"] == 0 and run["lost_audio_seconds"] == 0, run
     assert run["duplicated_words"] == 0 and run["lost_words"] == 0 and run["transcripts_checked"], run
     assert d["streams_sustained"] == 4 and "workers: 2" in d["path"], d["path"]
+    assert d["end_spread_s"] == 1.0 and run["server_gc"]["frozen_objects"] > 10_000, run  # a worker's heap, frozen
     for bad in (["--in-process"], ["--url", "ws://127.0.0.1:9/v1/stream"]):
         with pytest.raises(SystemExit) as e:
             sys.exit(main(common + ["--streams", "2", "--server-workers", "2", *bad]))
@@ -213,6 +216,7 @@ def test_permessage_deflate_only_when_asked(model, pcm, flag):
     """The client offers permessage-deflate (as browsers do); the server takes it only with --ws-deflate, and the
     stream is the same either way."""
     with serve(*flag) as (proc, port):
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["gc"]["frozen_objects"] > 10_000
         c = OpenStream(port)
         ext = c.ws.response.headers.get("Sec-WebSocket-Extensions") or ""
         c.send(pcm)
@@ -246,3 +250,29 @@ def test_serve_batching_options_reach_the_scheduler(model, pcm):
         r = subprocess.run([sys.executable, "-m", "trt_asr", "serve", "--port", str(free_port()), *bad],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "must be" in r.stderr, r.stderr
+
+
+def test_heap_freeze_and_gc_pauses(tmp_path):
+    """freeze_heap() moves what exists into the permanent generation (a full collection no longer walks it);
+    TRT_ASR_GC_FREEZE=0 leaves the heap alone; GcPauses counts every collection by generation. In a child process:
+    freezing this one would change the collector for the rest of the test session."""
+    code = (
+        "import gc, json, os\n"
+        "from trt_asr.serving.heap import GcPauses, freeze_heap\n"
+        "keep = [[i] for i in range(50_000)]\n"
+        "n = freeze_heap()\n"
+        "p = GcPauses().install()\n"
+        "gc.collect(0); gc.collect(2); gc.collect(2)\n"
+        "s = p.summary(); p.uninstall(); gc.collect()\n"
+        "print(json.dumps({'n': n, 'frozen': gc.get_freeze_count(), 'summary': s, 'after': p.summary()}))\n")
+    out = {}
+    for flag in ("1", "0"):
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, TRT_ASR_GC_FREEZE=flag),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        out[flag] = json.loads(r.stdout.strip().splitlines()[-1])
+    on, off = out["1"], out["0"]
+    assert on["n"] == on["frozen"] >= 50_000 and off["n"] == off["frozen"] == 0
+    assert on["summary"]["collections"] == [1, 0, 2] and on["after"]["collections"] == [1, 0, 2]
+    full = on["summary"]
+    assert full["pause_ms_max"][2] > 0 and full["pause_ms_total"][2] >= full["pause_ms_max"][2]

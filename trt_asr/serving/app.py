@@ -35,6 +35,7 @@ from ..captions import events as ev
 from ..captions.dsp import DSPError, ENCODINGS
 from ..captions.service import CaptionService
 from . import protocol
+from .heap import PAUSES
 
 MAX_CONFIG_BYTES = 4096
 MAX_FRAME_BYTES = 1 << 20  # one binary WebSocket message
@@ -114,6 +115,7 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
     async def health_route(request: Request):
         return JSONResponse({"status": "ok", "schema_version": ev.SCHEMA_VERSION, "sessions": admission.in_use(),
                              "uptime_s": round(time.time() - state["started"], 1), **service.info(),
+                             **({"gc": PAUSES.summary()} if PAUSES.installed else {}),
                              **(health() if health is not None else {})})
 
     async def index(request: Request):

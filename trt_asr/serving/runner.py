@@ -27,6 +27,7 @@ from typing import Callable
 import uvicorn
 
 from .app import MAX_FRAME_BYTES, Admission
+from .heap import PAUSES, freeze_heap
 
 logger = logging.getLogger("trt_asr.serving")
 
@@ -68,7 +69,11 @@ class DrainingServer(uvicorn.Server):
 
 def serve_app(app, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
               log_level: str = "warning", sockets: list[socket.socket] | None = None, ws_deflate: bool = False) -> None:
-    """Serve ``app`` in this process until SIGINT / SIGTERM, then drain (see the module docstring)."""
+    """Serve ``app`` in this process until SIGINT / SIGTERM, then drain (see the module docstring). The app is built
+    (model loaded, warmed up): what exists now lives as long as the process, so it is frozen out of the collector's
+    way (``heap.freeze_heap``) and the pauses that remain are counted for ``GET /health``."""
+    freeze_heap()
+    PAUSES.install()
     config = uvicorn.Config(app, host=host, port=port, **uvicorn_options(log_level, ws_deflate))
     DrainingServer(config, drain_timeout).run(sockets=sockets)
 
