@@ -144,3 +144,84 @@ def test_stream_ended_by_the_scheduler_reports_and_ends(tiny_ca):
     types = [e["type"] for e in out]
     assert types[-1] == "end", types
     assert [e["code"] for e in out if e["type"] == "error"] == ["stream_too_long"], out
+
+
+class _Blocker:
+    """A pipeline whose service holds the dispatcher thread until released (to queue others behind it)."""
+
+    _closed = False
+
+    def __init__(self):
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def _service(self):
+        self.entered.set()
+        assert self.release.wait(10)
+
+
+class _Recorder:
+    def __init__(self, name, log, closed=False):
+        self.name, self.log, self._closed = name, log, closed
+
+    def _service(self):
+        self.log.append(self.name)
+
+
+def test_dispatcher_services_ended_streams_first():
+    """Streams a step just delivered to queue up at the dispatcher; one that ended (its final, which its client is
+    waiting for) is serviced before them, whatever the order of notification; the rest keep their order."""
+    from trt_asr.captions.pipeline import CaptionDispatcher
+
+    d, log, block = CaptionDispatcher(), [], _Blocker()
+    try:
+        d.notify(block)
+        assert block.entered.wait(5)
+        partials = [_Recorder(f"p{i}", log) for i in range(5)]
+        for p in partials[:3]:
+            d.notify(p)
+        d.notify(_Recorder("ended", log, closed=True))
+        d.notify(partials[1])  # already queued: not twice
+        d.notify(partials[4], urgent=True)
+        d.notify(partials[3])
+        block.release.set()
+        deadline = time.time() + 5
+        while len(log) < 6 and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        d.stop()
+    assert log == ["ended", "p4", "p0", "p1", "p2", "p3"]
+
+
+def test_end_reaches_the_scheduler_without_the_dispatcher(tiny_ca):
+    """close() hands the end to the scheduler in the caller's thread when its audio is already there: a busy
+    dispatcher (here: held) does not delay the stream's last step. The final and the end event still come."""
+    svc = CaptionService(tiny_ca, "cache-aware", dispatch="shared")
+    try:
+        out: list[dict] = []
+        pipe = svc.pipeline(out.append, 16000, options={"vad": False})
+        block = _Blocker()
+        pipe.dispatcher.notify(block)
+        assert block.entered.wait(5)
+        audio = _audios(1, seed=11)[0]
+        for j in range(0, audio.size, 1600):
+            pipe.push(audio[j:j + 1600])
+        pipe.close()
+        stream = pipe.recognizer.stream
+        assert stream._ended  # before the dispatcher ran again
+        assert stream.wait_idle(30)
+        deadline = time.time() + 30
+        while not stream.done and time.time() < deadline:  # the scheduler ran the last step on its own
+            time.sleep(0.01)
+        assert stream.done and not out  # ... while nothing was emitted yet (the dispatcher is held)
+        block.release.set()
+        assert pipe.join(30)
+    finally:
+        block.release.set()
+        svc._shared.stop(drain=False)
+    assert out[-1]["type"] == "end" and out[-1]["audio_duration"] == pytest.approx(audio.size / 16000, abs=1e-3)
+    svc = CaptionService(tiny_ca, "cache-aware", dispatch="shared")
+    try:
+        want = _run(svc, [audio])[0]
+    finally:
+        svc._shared.stop(drain=False)
+    assert _finals(out) == _finals(want)

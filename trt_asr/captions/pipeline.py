@@ -13,6 +13,7 @@ the segment's last word).
 from __future__ import annotations
 
 import bisect
+import collections
 import queue
 import threading
 import time
@@ -307,9 +308,28 @@ class ScheduledCaptionPipeline(CaptionPipeline):
             self._pending.pop(0)
 
     def close(self) -> None:
+        """End the stream. The end reaches the scheduler from the caller's thread when all audio is already with it
+        (the usual case): through the dispatcher it would wait behind every stream whose events a step just
+        delivered, and its final with it. The final is then serviced ahead of other streams' partials."""
         if not self._closed:
             self._closed = True
-            self.dispatcher.notify(self)
+            with self._audio_lock:
+                self._end_if_submitted()
+            self.dispatcher.notify(self, urgent=True)
+
+    def _end_if_submitted(self) -> None:
+        """(``_audio_lock`` held, stream closed) The DSP's last output to the scheduler, then ``end``, once nothing
+        of the stream's audio waits outside the scheduler's inbox."""
+        self._submit_pending()
+        if self._closed and not self._ended and not self._pending:
+            y, vad_events = self.dsp.process(np.zeros((0,), np.float32), last=True)
+            self._queue_endpoints(vad_events)
+            if y.size:
+                self._pending.append(y)
+                self._submit_pending()
+            if not self._pending:
+                self._ended = True
+                self.recognizer.end()
 
     def backlog_seconds(self) -> float:
         with self._audio_lock:
@@ -322,16 +342,7 @@ class ScheduledCaptionPipeline(CaptionPipeline):
             return
         try:
             with self._audio_lock:
-                self._submit_pending()
-                if self._closed and not self._ended and not self._pending:
-                    y, vad_events = self.dsp.process(np.zeros((0,), np.float32), last=True)
-                    self._queue_endpoints(vad_events)
-                    if y.size:
-                        self._pending.append(y)
-                        self._submit_pending()
-                    if not self._pending:
-                        self._ended = True
-                        self.recognizer.end()
+                self._end_if_submitted()
                 endpoints, self._endpoints = self._endpoints, []
             for t in endpoints:
                 self.state.add_endpoint(t)
@@ -362,33 +373,51 @@ class ScheduledCaptionPipeline(CaptionPipeline):
 
 class CaptionDispatcher:
     """One thread that services ``ScheduledCaptionPipeline``s when they are notified (audio to submit, events
-    delivered, closed): each pipeline is queued at most once at a time and serviced in notification order."""
+    delivered, closed): each pipeline is queued at most once at a time and serviced in notification order, except
+    that streams that ended go first (a step delivers to up to a batch of streams at once; a final waiting behind a
+    batch of partials was the tail of the server's latency)."""
 
     def __init__(self):
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._urgent: collections.deque = collections.deque()  # streams that ended: their finals
+        self._normal: collections.deque = collections.deque()
         self._queued: set[int] = set()
-        self._lock = threading.Lock()
+        self._urgent_ids: set[int] = set()
+        self._stopping = False
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="caption-dispatcher", daemon=True)
         self._thread.start()
 
-    def notify(self, pipe: ScheduledCaptionPipeline) -> None:
-        with self._lock:
-            if id(pipe) in self._queued:
+    def notify(self, pipe: ScheduledCaptionPipeline, urgent: bool = False) -> None:
+        urgent = urgent or pipe._closed
+        with self._cond:
+            key = id(pipe)
+            if key in self._queued and not (urgent and key not in self._urgent_ids):
                 return
-            self._queued.add(id(pipe))
-        self._q.put(pipe)
+            # (a pipeline queued as normal and now urgent is queued twice; the second service finds nothing new)
+            self._queued.add(key)
+            if urgent:
+                self._urgent_ids.add(key)
+                self._urgent.append(pipe)
+            else:
+                self._normal.append(pipe)
+            self._cond.notify()
 
     def stop(self) -> None:
         """End the thread after the pipelines already queued (their streams should be done)."""
-        self._q.put(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
 
     def _run(self) -> None:
         while True:
-            pipe = self._q.get()
-            if pipe is None:
-                return
-            with self._lock:
+            with self._cond:
+                while not self._urgent and not self._normal:
+                    if self._stopping:
+                        return
+                    self._cond.wait()
+                pipe = (self._urgent or self._normal).popleft()
                 self._queued.discard(id(pipe))
+                self._urgent_ids.discard(id(pipe))
             pipe._service()
 
 
