@@ -285,6 +285,28 @@ def test_load_tool_smoke(server, tmp_path):
             assert run["server_latency"]["partial_latency_p50_ms"]["max"] >= 0, run
 
 
+def test_load_tool_end_spread_lengths():
+    """--end-spread S: stream i is --duration + u_i seconds long, u_i uniform in [0, S) (seeded): the streams end
+    over S seconds; without it every clip is exactly --duration long. Each clip is a different part of the source."""
+    import argparse
+
+    from trt_asr.cli import bench
+
+    p = argparse.ArgumentParser()
+    bench.register(p.add_subparsers(dest="cmd"))
+    base = ["bench", "load", "--duration", "1.5"]
+    same = bench.stream_audios(p.parse_args(base), 6)
+    spread = bench.stream_audios(p.parse_args(base + ["--end-spread", "2"]), 6)
+    again = bench.stream_audios(p.parse_args(base + ["--end-spread", "2"]), 6)
+    assert {a.size for a in same} == {24000}
+    sizes = [a.size for a in spread]
+    assert all(24000 <= n < 24000 + 32000 for n in sizes) and len(set(sizes)) == 6
+    assert max(sizes) - min(sizes) > 8000  # spread over seconds, not samples
+    assert [a.size for a in again] == sizes
+    for a, b in zip(same, spread):  # the same clip, only longer
+        np.testing.assert_array_equal(b[:a.size], a)
+
+
 @pytest.mark.parametrize("mode_args", [["--mode", "buffered", "--left-secs", "1", "--chunk-secs", "0.5",
                                         "--right-secs", "0.5"],
                                        ["--mode", "cache-aware", "--chunk-ms", "160", "--pooled"]])

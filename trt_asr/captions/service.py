@@ -53,12 +53,15 @@ class CaptionService:
     batching: str = "scheduler"  # "scheduler": one StreamScheduler worker batches all streams; "lock": SharedRecognizer
     dispatch: str = "shared"  # with the scheduler: "shared" caption dispatcher thread, or "thread" per stream
     scheduler_config: object = None  # a StreamScheduler's SchedulerConfig (None: the pool's defaults)
+    pool: object = None  # a CaptionSchedulerPool built by the caller (e.g. over a compiled engine): used as it is
 
     def __post_init__(self):
         self._shared = None
         self._lock = threading.Lock()
         self.decode = model_decoder(self.model)
-        if self.mode != "redecode" and self.batching == "scheduler":
+        if self.pool is not None:
+            self._shared = self.pool
+        elif self.mode != "redecode" and self.batching == "scheduler":
             from ..streaming.scheduler import CaptionSchedulerPool  # FIFO batches, backpressure, isolation
 
             self._shared = CaptionSchedulerPool(self.model, self.mode, self.scheduler_config, **self.params)

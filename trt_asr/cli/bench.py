@@ -88,6 +88,10 @@ def register(sub) -> None:
                     "--max-batch, runs as sub-batches of S; buffered windows are padded to the full window), so a "
                     "stream's results never depend on which streams share its step, bitwise, in any precision (the "
                     "transcript check is then exact in fp16/bf16 too); costs padded compute at low load")
+    lp.add_argument("--end-spread", type=float, default=0.0, metavar="S",
+                    help="each stream is longer than --duration by a uniform random 0..S s, so the streams end over S "
+                    "seconds instead of within one chunk (0: every stream ends within one chunk of the others: all K "
+                    "finals at once, the worst case for the finals' latency)")
     lp.add_argument("--frame-ms", type=float, default=100.0, help="client frame size")
     lp.add_argument("--send-tick-ms", type=float, default=10.0,
                     help="in-process: each frame is sent at the first tick of this period after its audio exists "
@@ -172,13 +176,16 @@ def load_source_audio(paths, seconds_needed: float, seed: int) -> np.ndarray:
 
 
 def stream_audios(args, k: int) -> list[np.ndarray]:
-    """K different clips of ``duration`` s (different offsets into the source)."""
-    n = int(args.duration * RATE)
-    src = load_source_audio(args.audio, args.duration + 7.3 * k + 1, args.seed)
+    """K different clips of ``duration`` s (different offsets into the source), each longer by a uniform random
+    part of ``--end-spread`` s when that is set."""
+    spread = getattr(args, "end_spread", 0.0) or 0.0
+    extra = np.random.default_rng(args.seed + 1).uniform(0, spread, k) if spread > 0 else np.zeros(k)
+    lengths = [int(args.duration * RATE) + int(e * 100) * (RATE // 100) for e in extra]  # whole 10 ms: exact seconds
+    src = load_source_audio(args.audio, args.duration + spread + 7.3 * k + 1, args.seed)
     hop = int(7.3 * RATE)
     # on the s16 grid: what a pcm_s16le client sends is exactly this audio (so the reference sees the same samples)
     return [(np.round(np.clip(src[(i * hop) % max(src.size - n, 1):][:n], -1, 32767 / 32768) * 32768) / 32768)
-            .astype(np.float32) for i in range(k)]
+            .astype(np.float32) for i, n in enumerate(lengths)]
 
 
 def words_diff(got: str, ref: str) -> tuple[int, int]:
@@ -376,7 +383,7 @@ def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float
     sent = [0] * k
     with gpu:
         backlog: list = []
-        deadline_total = t0 + args.duration + chunk_s + args.drain_timeout
+        deadline_total = t0 + args.duration + (args.end_spread or 0.0) + chunk_s + args.drain_timeout
         for when, i, j in pending:
             delay = t0 + when - time.monotonic()
             if delay > 0:
@@ -495,10 +502,7 @@ def _bench_app(spec: dict, admission=None, health=None):
     _streamable_features(model, spec["mode"])
     if spec["model"]:
         model.name = spec["model"]
-    svc = CaptionService(model, spec["mode"].replace("_", "-"),
-                         {k: v for k, v in spec["params"].items() if k != "buckets"}, commit="engine", endpoint_ms=None,
-                         batching="lock" if spec["batching"] == "lock" else "scheduler",
-                         dispatch=spec.get("dispatch", "shared"))
+    pool = None
     if spec["batching"] != "lock":
         from ..streaming.scheduler import CaptionSchedulerPool, SchedulerConfig
 
@@ -507,10 +511,14 @@ def _bench_app(spec: dict, admission=None, health=None):
                                  sample_rate=model.cfg.sample_rate, batch_wait=spec.get("batch_wait_ms", 0.0) / 1000)
         params = with_engine(model, spec["mode"], spec["params"], spec.get("engine", "torch"),
                              spec.get("kv_cache", "layer_input"), spec.get("compile_mode"))
-        svc._shared = CaptionSchedulerPool(model, spec["mode"], config, state=state, **params)
-        mode = svc._shared.recognizer.mode
+        pool = CaptionSchedulerPool(model, spec["mode"], config, state=state, **params)
+        mode = pool.recognizer.mode
         if hasattr(mode, "warmup") and model.device.type == "cuda":  # CUDA graphs of every bucket before traffic
             mode.warmup(min(spec["max_batch"], spec["max_sessions"]))
+    svc = CaptionService(model, spec["mode"].replace("_", "-"),
+                         {k: v for k, v in spec["params"].items() if k != "buckets"}, commit="engine", endpoint_ms=None,
+                         batching="lock" if spec["batching"] == "lock" else "scheduler",
+                         dispatch=spec.get("dispatch", "shared"), pool=pool)
     svc.warmup()
     return create_app(svc, None, Limits(max_sessions=spec["max_sessions"]), admission=admission, health=health)
 
@@ -599,7 +607,8 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
     per = max(1, int(getattr(args, "clients_per_process", 32) or 32))
     groups = [list(range(i, min(i + per, k))) for i in range(0, k, per)]
     client_timeout = args.drain_timeout + chunk_s
-    limit = args.duration + chunk_s + args.drain_timeout + 60
+    limit = args.duration + (args.end_spread or 0.0) + chunk_s + args.drain_timeout + 60
+    gc_before = _server_gc(url)
     with gpu:
         t_start = time.monotonic()
         if len(groups) == 1:
@@ -629,8 +638,30 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
             "latency": percentiles_ms(lat), "step_latency": None,
             "final_latency": percentiles_ms([x for r in results for x in r.get("lat_final", [])]),
             "lost_audio_seconds": round(lost, 3),
-            "gpu_utilization": gpu.summary(), "wall_seconds": round(wall, 2), "sent_seconds": args.duration * k,
-            "server_latency": _server_side_latency(results)}
+            "gpu_utilization": gpu.summary(), "wall_seconds": round(wall, 2),
+            "sent_seconds": round(sum(a.size for a in audios) / RATE, 3),
+            "server_latency": _server_side_latency(results), "server_gc": _gc_during(gc_before, _server_gc(url))}
+
+
+def _server_gc(url: str) -> dict | None:
+    """The server's collector pauses so far (``GET /health`` "gc"; with several workers, one worker's)."""
+    import httpx
+
+    base = url.replace("ws://", "http://").replace("wss://", "https://").split("/v1/")[0]
+    try:
+        body = httpx.get(f"{base}/health", timeout=2).json()
+        return dict(body["gc"], worker_pid=body.get("worker_pid"))
+    except Exception:
+        return None
+
+
+def _gc_during(before: dict | None, after: dict | None) -> dict | None:
+    """Collections and pause time of one run (the maximum is the server's so far)."""
+    if not before or not after or before.get("worker_pid") != after.get("worker_pid"):
+        return after
+    return {"collections": [a - b for a, b in zip(after["collections"], before["collections"])],
+            "pause_ms_total": [round(a - b, 3) for a, b in zip(after["pause_ms_total"], before["pause_ms_total"])],
+            "pause_ms_max_so_far": after["pause_ms_max"], "frozen_objects": after["frozen_objects"]}
 
 
 def _server_side_latency(results: list[dict]) -> dict:
@@ -871,7 +902,7 @@ def run_load(args) -> int:
                    "gpu_utilization": r["gpu_utilization"], "errors": r["errors"][:20],
                    "n_errors": len(r["errors"]), "seconds": round(time.monotonic() - t0, 2)}
             for key in ("scheduler", "refused_pushes", "drain_seconds", "wall_seconds", "server_latency",
-                        "final_latency"):
+                        "final_latency", "server_gc"):
                 if key in r:
                     run[key] = r[key]
             runs.append(run)
@@ -913,7 +944,7 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "model": args.model or "default", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
         "features_normalize": (None if model is None else model.cfg.preprocessor.normalize),
-        "dtype": args.dtype, "duration_s": args.duration, "frame_ms": args.frame_ms,
+        "dtype": args.dtype, "duration_s": args.duration, "end_spread_s": args.end_spread, "frame_ms": args.frame_ms,
         "send_tick_ms": getattr(args, "send_tick_ms", None), "max_batch": args.max_batch,
         "batch_wait_ms": getattr(args, "batch_wait_ms", 0.0), "server_workers": getattr(args, "server_workers", 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
