@@ -1,5 +1,6 @@
 #!/bin/bash
-# Session-11 runs (H100). $1 picks the group.
+# Session-11 runs (H100). $1 picks the group. (.carry/s11/agg2.py is benchmarks/results/load_h100_s10/agg2.py;
+# .carry/s11/olddisp/ is this tree with trt_asr/captions/pipeline.py from 92a14a3, for the A/B of run 93.)
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/loadbench/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site
 mkdir -p $OUT/r
