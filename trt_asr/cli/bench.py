@@ -178,7 +178,7 @@ def load_source_audio(paths, seconds_needed: float, seed: int) -> np.ndarray:
 def stream_audios(args, k: int) -> list[np.ndarray]:
     """K different clips of ``duration`` s (different offsets into the source), each longer by a uniform random
     part of ``--end-spread`` s when that is set."""
-    spread = getattr(args, "end_spread", 0.0) or 0.0
+    spread = args.end_spread
     extra = np.random.default_rng(args.seed + 1).uniform(0, spread, k) if spread > 0 else np.zeros(k)
     lengths = [int(args.duration * RATE) + int(e * 100) * (RATE // 100) for e in extra]  # whole 10 ms: exact seconds
     src = load_source_audio(args.audio, args.duration + spread + 7.3 * k + 1, args.seed)
@@ -383,7 +383,7 @@ def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float
     sent = [0] * k
     with gpu:
         backlog: list = []
-        deadline_total = t0 + args.duration + (args.end_spread or 0.0) + chunk_s + args.drain_timeout
+        deadline_total = t0 + args.duration + args.end_spread + chunk_s + args.drain_timeout
         for when, i, j in pending:
             delay = t0 + when - time.monotonic()
             if delay > 0:
@@ -607,7 +607,7 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
     per = max(1, int(getattr(args, "clients_per_process", 32) or 32))
     groups = [list(range(i, min(i + per, k))) for i in range(0, k, per)]
     client_timeout = args.drain_timeout + chunk_s
-    limit = args.duration + (args.end_spread or 0.0) + chunk_s + args.drain_timeout + 60
+    limit = args.duration + args.end_spread + chunk_s + args.drain_timeout + 60
     gc_before = _server_gc(url)
     with gpu:
         t_start = time.monotonic()
@@ -656,12 +656,13 @@ def _server_gc(url: str) -> dict | None:
 
 
 def _gc_during(before: dict | None, after: dict | None) -> dict | None:
-    """Collections and pause time of one run (the maximum is the server's so far)."""
+    """Collections and pause time of one run ("scope": "run"), or the server's whole life when the two answers
+    came from different workers; ``pause_ms_max`` is always the server's so far."""
     if not before or not after or before.get("worker_pid") != after.get("worker_pid"):
-        return after
-    return {"collections": [a - b for a, b in zip(after["collections"], before["collections"])],
-            "pause_ms_total": [round(a - b, 3) for a, b in zip(after["pause_ms_total"], before["pause_ms_total"])],
-            "pause_ms_max_so_far": after["pause_ms_max"], "frozen_objects": after["frozen_objects"]}
+        return None if not after else dict(after, scope="server")
+    return dict(after, scope="run",
+                collections=[a - b for a, b in zip(after["collections"], before["collections"])],
+                pause_ms_total=[round(a - b, 3) for a, b in zip(after["pause_ms_total"], before["pause_ms_total"])])
 
 
 def _server_side_latency(results: list[dict]) -> dict:
