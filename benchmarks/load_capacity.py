@@ -41,7 +41,7 @@ def main() -> int:
     ap.add_argument("--total-limit", type=float, default=420.0, help="seconds for everything")
     ap.add_argument("--engine", default="torch", choices=["torch", "torch-cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    ap.add_argument("--kv-cache", default="layer_input", choices=["layer_input", "projected"])
+    ap.add_argument("--kv-cache", default="layer_input", choices=["layer_input", "projected", "ring"])
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--fixed-batch", type=int, default=None, help="bench load --fixed-batch S (exact in fp16/bf16)")
     ap.add_argument("--compile", default=None, metavar="MODE", help="bench load --compile MODE (torch-cuda engine)")

@@ -120,7 +120,7 @@ def test_tiny_tokens_equal_alone_and_offline(tiny, att):
     assert mode.pool.in_use == 0  # finished streams gave their slots back
 
 
-@pytest.mark.parametrize("kv_cache", ["layer_input", "projected"])
+@pytest.mark.parametrize("kv_cache", ["layer_input", "projected", "ring"])
 def test_inplace_engine_caches_equal_offline(tiny, kv_cache):
     """The torch-cuda engine (CPU: same code, eager) with caches updated in place in buffers shared by a bucket's
     chunk shapes, gathered into straight from the pool: batches that mix first, later and last chunks (the first
@@ -316,7 +316,7 @@ def test_refuses_normalised_features():
 
 
 # ----------------------------------------------------------------------------------------------- wiring
-@pytest.mark.parametrize("kv_cache", ["layer_input", "projected"])
+@pytest.mark.parametrize("kv_cache", ["layer_input", "projected", "ring"])
 def test_load_tool_batched_state_with_torch_cuda_engine_equals_reference(kv_cache):
     """`bench load --mode cache-aware --state batched --engine torch-cuda [--kv-cache projected]` (CPU here: the
     same bucketed code, eager) gives every stream the transcript CacheAwareMode with the fp32 reference engine

@@ -74,8 +74,9 @@ def register(sub) -> None:
                     "or by the lock-shared Recognizer (the previous way)")
     lp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     lp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    lp.add_argument("--kv-cache", default="layer_input", choices=["layer_input", "projected"],
-                    help="cache-aware torch-cuda engine: NeMo's layer-input attention cache or projected K/V")
+    lp.add_argument("--kv-cache", default="layer_input", choices=["layer_input", "projected", "ring"],
+                    help="cache-aware torch-cuda engine: NeMo's layer-input attention cache, projected K/V, or the "
+                    "layer inputs in a ring (no cache shift per layer and step)")
     lp.add_argument("--engine", default="torch", choices=["torch", "torch-cuda"],
                     help="encoder engine of the scheduler (torch-cuda: --dtype weights, CUDA graphs per batch bucket)")
     lp.add_argument("--compile", default=None, metavar="MODE", dest="compile_mode",

@@ -248,6 +248,9 @@ def export_onnx(model, out_dir: str | Path, mode: str = "buffered", *, opset: in
     onnx_dtype = "float32" if precision == "fp32" else "float16"
     if kv_cache != "layer_input" and mode != "cache-aware":
         raise ValueError("kv_cache variants are for the cache-aware (stream) step")
+    if kv_cache == "ring":
+        raise ValueError("kv_cache='ring' is a layout of the torch engines (a scatter into the cache); export "
+                         "'layer_input' (NeMo's) or 'projected'")
     contract = build_contract(enc_cfg, mode, params, model_name=getattr(model, "name", ""),
                               batch=(1, 1, max_batch), window_frames=window_frames, dtype=onnx_dtype,
                               kv_cache=kv_cache)

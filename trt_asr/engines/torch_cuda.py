@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding.greedy import BatchedTokens, masked_label_step
-from ..model.encoder import ProjectedKVCache, StreamingCache, fold_batch_norm
+from ..model.encoder import ProjectedKVCache, RingCache, StreamingCache, fold_batch_norm
 from ..numerics import without_tf32
-from ..streaming.contract import cache_io, cache_names
+from ..streaming.contract import cache_io, cache_names, float_cache_names, ring_slots
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -92,7 +92,8 @@ class TorchCudaEngine:
         norms, softmax and the residual stream stay fp32) instead of casting the weights.
         ``kv_cache``: the stream step's attention cache, "layer_input" (NeMo's ``cache_last_channel``) or
         "projected" (``cache_last_channel_k`` / ``_v``, keys and values after linear_k / linear_v: a step then
-        projects only its new frames); see ``trt_asr.streaming.contract``.
+        projects only its new frames) or "ring" (the layer inputs in a ring: a step writes its new frames instead
+        of shifting the whole cache, ``RingCache``); see ``trt_asr.streaming.contract``.
         ``inplace_caches`` (stream mode): each bucket's graphs write the next caches into the bucket's cache input
         buffers (shared by its chunk shapes) and return those: one cache-sized buffer set per bucket instead of
         two per shape; a caller can also fill them directly (``static_inputs``). With ``step(..., clone=False)``
@@ -131,6 +132,10 @@ class TorchCudaEngine:
         self._cache_names = cache_names(kv_cache)  # validates kv_cache
         if kv_cache == "projected":
             self._stream_fn = self._stream_fn_projected
+        elif kv_cache == "ring":
+            if mode == "stream" and params is None:
+                raise ValueError("kv_cache='ring' needs params (the ring's size)")
+            self._stream_fn = self._stream_fn_ring
         self._graphs: dict[tuple, _Graphed] = {}
         self._shared_caches: dict[tuple, dict[str, torch.Tensor]] = {}  # (B, C, K) -> cache inputs (in place)
         self._pinned: dict[tuple, tuple] = {}  # host staging buffers for CPU inputs (+ the event of their last copy)
@@ -194,6 +199,16 @@ class TorchCudaEngine:
                 "cache_last_time_next": nxt.last_time.transpose(0, 1).contiguous(),
                 "cache_last_channel_next_len": nxt.last_channel_len}
 
+    def _stream_fn_ring(self, audio_signal, length, cache_last_channel_ring, cache_last_time, cache_ring_pos,
+                        cache_last_channel_len):
+        cache = RingCache(cache_last_channel_ring.transpose(0, 1), cache_last_time.transpose(0, 1),
+                          cache_last_channel_len, cache_ring_pos, self.params.last_channel_cache_size)
+        enc, enc_len, nxt = self._encode_chunk(audio_signal, length, cache)
+        return {"encoder_output": enc, "encoded_lengths": enc_len,
+                "cache_last_channel_ring_next": nxt.ring.transpose(0, 1).contiguous(),
+                "cache_last_time_next": nxt.last_time.transpose(0, 1).contiguous(),
+                "cache_ring_pos_next": nxt.pos, "cache_last_channel_next_len": nxt.last_channel_len}
+
     def cache_io(self) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
         """Per cache of the stream step: (input name, output name, per-stream shape, dtype), in contract order.
         A streaming mode allocates ``zeros(B, *shape, dtype)`` for new streams, feeds ``out[output name]`` back as
@@ -255,10 +270,12 @@ class TorchCudaEngine:
         key = ("s", B, T, C, K)
 
         def make_caches():
-            channel = {name: torch.randn(B, L, C, D, device=self.device, dtype=self.dtype)
-                       for name in self._cache_names[:-2]}  # the attention cache(s) of the variant
+            R = ring_slots(self.params) if self.kv_cache == "ring" else C
+            channel = {name: torch.randn(B, L, R, D, device=self.device, dtype=self.dtype)
+                       for name in float_cache_names(self.kv_cache)[:-1]}  # the attention cache(s) of the variant
+            ring = ({"cache_ring_pos": torch.arange(B, device=self.device) % R} if self.kv_cache == "ring" else {})
             return {**channel, "cache_last_time": torch.randn(B, L, D, K, device=self.device, dtype=self.dtype),
-                    "cache_last_channel_len": torch.full((B,), C, dtype=torch.long, device=self.device)}
+                    **ring, "cache_last_channel_len": torch.full((B,), C, dtype=torch.long, device=self.device)}
 
         def make():
             # in-place caches: the graphs of one bucket (first and later chunk shapes) share one set of cache
@@ -297,7 +314,8 @@ class TorchCudaEngine:
                    "encoded_lengths": out["encoded_lengths"][:b]}
         else:
             ch = inputs[self._cache_names[0]]
-            g = self.prepare(b, t, cache_size=ch.shape[2], time_cache=inputs["cache_last_time"].shape[3])
+            C = self.params.last_channel_cache_size if self.kv_cache == "ring" else ch.shape[2]
+            g = self.prepare(b, t, cache_size=C, time_cache=inputs["cache_last_time"].shape[3])
             st = g.inputs
             B = st["audio_signal"].shape[0]
             for name in ("audio_signal", "length", *self._cache_names):

@@ -3,6 +3,7 @@
     TorchEncoderEngine(model, mode="stream", params=CacheAwareParams)   cache-aware step (``stream_step``)
     TorchEncoderEngine(model, mode="window")                             offline / buffered window
     TorchEncoderEngine(model, mode="stream", params=..., kv_cache="projected")   projected-K/V cache variant
+    TorchEncoderEngine(model, mode="stream", params=..., kv_cache="ring")        ring cache variant (no cache shift)
 
 Caches are batch-first at this boundary ([B, L, C, D], [B, L, D, K]); the encoder module is layer-first, so the
 engine transposes on the way in and out. With ``check=True`` (default) every step checks the contract's runtime
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.encoder import ProjectedKVCache, StreamingCache
+from ..model.encoder import ProjectedKVCache, RingCache, StreamingCache
 from ..streaming.cache_aware import CacheAwareParams
 from ..streaming.contract import ContractChecker, cache_io
 from ..numerics import without_tf32
@@ -24,8 +25,9 @@ class TorchEncoderEngine:
 
     def __init__(self, model, mode: str = "stream", params: CacheAwareParams | None = None, *, check: bool = True,
                  allow_inexact: bool = False, kv_cache: str = "layer_input"):
-        """``kv_cache``: the stream step's attention cache, "layer_input" (NeMo's ``cache_last_channel``) or
-        "projected" (``cache_last_channel_k`` / ``_v``: keys and values after linear_k / linear_v)."""
+        """``kv_cache``: the stream step's attention cache, "layer_input" (NeMo's ``cache_last_channel``),
+        "projected" (``cache_last_channel_k`` / ``_v``: keys and values after linear_k / linear_v) or "ring"
+        (``cache_last_channel_ring`` + ``cache_ring_pos``: the layer inputs in a ring, see ``RingCache``)."""
         if mode not in ("stream", "window"):
             raise ValueError(f"mode must be 'stream' or 'window', not {mode!r}")
         self.encoder = model.encoder if hasattr(model, "encoder") else model
@@ -71,6 +73,10 @@ class TorchEncoderEngine:
                                      inputs["cache_last_channel_v"].transpose(0, 1),
                                      inputs["cache_last_time"].transpose(0, 1),
                                      inputs["cache_last_channel_len"].to(torch.long))
+        elif self.kv_cache == "ring":
+            cache = RingCache(inputs["cache_last_channel_ring"].transpose(0, 1), inputs["cache_last_time"].transpose(0, 1),
+                              inputs["cache_last_channel_len"].to(torch.long), inputs["cache_ring_pos"].to(torch.long),
+                              p.last_channel_cache_size)
         else:
             cache = StreamingCache(inputs["cache_last_channel"].transpose(0, 1),
                                    inputs["cache_last_time"].transpose(0, 1),
@@ -84,6 +90,9 @@ class TorchEncoderEngine:
         if self.kv_cache == "projected":
             out["cache_last_channel_k_next"] = nxt.last_k.transpose(0, 1).contiguous()
             out["cache_last_channel_v_next"] = nxt.last_v.transpose(0, 1).contiguous()
+        elif self.kv_cache == "ring":
+            out["cache_last_channel_ring_next"] = nxt.ring.transpose(0, 1).contiguous()
+            out["cache_ring_pos_next"] = nxt.pos
         else:
             out["cache_last_channel_next"] = nxt.last_channel.transpose(0, 1).contiguous()
         out["cache_last_time_next"] = nxt.last_time.transpose(0, 1).contiguous()

@@ -174,8 +174,56 @@ class RelPositionMultiHeadAttention(nn.Module):
         q = self.linear_q(query).view(b, tq, self.h, self.d_k)
         k = k_btd.view(b, tk, self.h, self.d_k).transpose(1, 2)
         v = v_btd.view(b, tk, self.h, self.d_k).transpose(1, 2)
-        p = self.linear_pos(pos_emb).view(pos_emb.shape[0], -1, self.h, self.d_k).transpose(1, 2)
         q_u = (q + self.pos_bias_u).transpose(1, 2)  # [B, H, Tq, d_k]
+        bd = self.position_scores(q, pos_emb, tk, mask_btt)
+        out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bd,
+                                             dropout_p=self.dropout_p if self.training else 0.0)
+        if mask_btt is not None:  # queries that see nothing (padding) give zeros, as in NeMo
+            out = out.masked_fill(mask_btt.all(dim=-1)[:, None, :, None], 0.0)
+        return self.linear_out(out.transpose(1, 2).reshape(b, tq, self.h * self.d_k))
+
+    def forward_ring(self, query: torch.Tensor, ring_brd: torch.Tensor, ring_index: torch.Tensor,
+                     ring_stale: torch.Tensor, pos_emb: torch.Tensor, mask_btt: torch.Tensor) -> torch.Tensor:
+        """Attention over a ring of cached layer inputs (``RingCache``) + the new frames, reading the ring in place
+        and never projecting it: the query is taken into input space instead (q W_k per head), so the scores are
+        (q W_k) . ring and the values W_v (p . ring). Per stream that is ~2 H T R D multiply-adds where projecting
+        the R cached frames costs 2 R D^2, and no cache-sized keys, values or concatenation are made. The key bias
+        adds the same q . b_k to every key of a query (softmax drops it) and the value bias adds b_v once (the
+        weights sum to 1). ``ring_index`` [B, R]: each slot's logical cache position (oldest first, the order
+        ``forward`` sees); ``ring_stale`` [B, R]: slots outside the window. Equal to ``forward`` over
+        cat(cache, query) up to summation order."""
+        b, tq, d = query.shape
+        r, h, dk = ring_brd.shape[1], self.h, self.d_k
+        tk = (pos_emb.shape[1] + 1) // 2  # logical keys: C cached + T new
+        c = tk - tq
+        w_k = self.linear_k.weight.view(h, dk, d)
+        w_v = self.linear_v.weight.view(h, dk, d)
+        q = self.linear_q(query).view(b, tq, h, dk)
+        q_u = (q + self.pos_bias_u) / math.sqrt(dk)
+        q_in = torch.matmul(q_u.permute(2, 0, 1, 3).reshape(h, b * tq, dk), w_k)  # [H, B*T, D]
+        q_in = q_in.view(h, b, tq, d).transpose(0, 1).reshape(b, h * tq, d)
+        bd = self.position_scores(q, pos_emb, tk, mask_btt)  # [B, H, T, C + T], logical order
+        bd_ring = torch.gather(bd[..., :c], -1, ring_index[:, None, None, :].expand(b, h, tq, r))
+        bd_ring = bd_ring.masked_fill(ring_stale[:, None, None, :], -MASK_VALUE)
+        k_new = F.linear(query, self.linear_k.weight).view(b, tq, h, dk).transpose(1, 2)  # no bias: see above
+        v_new = F.linear(query, self.linear_v.weight).view(b, tq, h, dk).transpose(1, 2)
+        scores = torch.cat([torch.bmm(q_in, ring_brd.transpose(1, 2)).view(b, h, tq, r) + bd_ring,
+                            torch.matmul(q_u.transpose(1, 2), k_new.transpose(-2, -1)) + bd[..., c:]], dim=-1)
+        att = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [B, H, T, R + T]
+        ctx = torch.bmm(att[..., :r].reshape(b, h * tq, r), ring_brd)  # [B, H*T, D]: weighted ring inputs
+        out = torch.matmul(ctx.view(b, h, tq, d).transpose(0, 1).reshape(h, b * tq, d), w_v.transpose(1, 2))
+        out = out.view(h, b, tq, dk).transpose(0, 1) + torch.matmul(att[..., r:], v_new)  # [B, H, T, d_k]
+        if self.linear_v.bias is not None:
+            out = out + self.linear_v.bias.view(h, 1, dk)
+        out = out.masked_fill(mask_btt.all(dim=-1)[:, None, :, None], 0.0)
+        return self.linear_out(out.transpose(1, 2).reshape(b, tq, h * dk))
+
+    def position_scores(self, q: torch.Tensor, pos_emb: torch.Tensor, tk: int,
+                        mask_btt: torch.Tensor | None) -> torch.Tensor:
+        """The relative-position term rel_shift((q+v)p^T) / sqrt(d_k) for queries q [B, Tq, H, d_k] and Tk keys,
+        [B, H, Tq, Tk], masked positions at -MASK_VALUE (the additive mask of the scores)."""
+        b, tq = q.shape[0], q.shape[1]
+        p = self.linear_pos(pos_emb).view(pos_emb.shape[0], -1, self.h, self.d_k).transpose(1, 2)
         if p.shape[0] == 1:  # positions shared by the batch: one [B*Tq, d_k] x [d_k, P] GEMM per head, not B*H
             q_v = (q + self.pos_bias_v).permute(2, 0, 1, 3).reshape(self.h, b * tq, self.d_k)
             # P = 2 Tk - 1 is odd: a row stride of P elements forces cuBLAS onto unaligned (align-1/2) kernels,
@@ -188,11 +236,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         bd = self.rel_shift(bd)[..., :tk] / math.sqrt(self.d_k)
         if mask_btt is not None:
             bd = bd.masked_fill(mask_btt[:, None], -MASK_VALUE)
-        out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bd,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
-        if mask_btt is not None:  # queries that see nothing (padding) give zeros, as in NeMo
-            out = out.masked_fill(mask_btt.all(dim=-1)[:, None, :, None], 0.0)
-        return self.linear_out(out.transpose(1, 2).reshape(b, tq, self.h * self.d_k))
+        return bd
 
 
 def depthwise_conv1d(x_bdt: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -315,13 +359,18 @@ class ConformerLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, att_mask, pos_emb, pad_mask, cache_channel=None, cache_time=None, cache_drop: int = 0,
-                cache_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+                cache_kv: tuple[torch.Tensor, torch.Tensor] | None = None, cache_ring: tuple | None = None):
         """``cache_channel`` [B, C, D]: the last C attention inputs (NeMo); or ``cache_kv`` (k, v) [B, C, D] each:
-        their projections (the projected-K/V variant), then ``next_channel`` is the (next_k, next_v) pair."""
+        their projections (the projected-K/V variant), then ``next_channel`` is the (next_k, next_v) pair; or
+        ``cache_ring`` (ring [B, R, D], slot index, stale slots; ``RingCache``), then ``next_channel`` is this
+        step's attention inputs [B, T, D], which the caller writes into the ring."""
         x = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
         q = self.norm_self_att(x)
         next_channel = None
-        if cache_kv is not None:
+        if cache_ring is not None:
+            att = self.self_attn.forward_ring(q, *cache_ring, pos_emb, att_mask)
+            next_channel = q
+        elif cache_kv is not None:
             att, next_k, next_v = self.self_attn.forward_cached_kv(q, *cache_kv, pos_emb, att_mask, cache_drop)
             next_channel = (next_k, next_v)
         else:
@@ -389,6 +438,51 @@ class ProjectedKVCache:
     last_channel_len: torch.Tensor
 
 
+@dataclass
+class RingCache:
+    """The ring variant of ``StreamingCache``: each layer's attention inputs in a ring of R >= C + T slots, ring
+    [L, B, R, D], and ``pos`` [B], the slot of a stream's next frame. A step writes only its T new frames (slots
+    pos .. pos + T - 1, mod R) where NeMo's cache shifts all C frames (a concatenation and a copy of the whole cache
+    per layer and step); attention reads the slots in place, scored in logical order through ``ring_order``. Holds
+    the same C frames as the layer-input cache (``ring_from_cache`` / ``cache_from_ring``); conv cache and
+    channel_len as there. ``cache_len``: C."""
+
+    ring: torch.Tensor
+    last_time: torch.Tensor
+    last_channel_len: torch.Tensor
+    pos: torch.Tensor
+    cache_len: int
+
+
+def ring_order(pos: torch.Tensor, ring: int, cache_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [B, R], stale [B, R]): the logical cache position (0 = oldest of the C cached frames) of every ring
+    slot before a step writes at ``pos``, and the slots outside the C most recent frames."""
+    r = torch.arange(ring, device=pos.device)
+    j = torch.remainder(r[None, :] - pos[:, None], ring) - (ring - cache_len)
+    return j.clamp(min=0), j < 0
+
+
+def ring_from_cache(cache: StreamingCache, ring: int) -> RingCache:
+    """Layer-input cache (layer-first) -> ring cache with ``pos`` 0: the C frames in the ring's last C slots."""
+    ch = cache.last_channel
+    L, B, C, D = ch.shape
+    if ring < C:
+        raise ValueError(f"ring of {ring} slots < cache of {C} frames")
+    buf = torch.zeros(L, B, ring, D, dtype=ch.dtype, device=ch.device)
+    buf[:, :, ring - C:] = ch
+    return RingCache(buf, cache.last_time, cache.last_channel_len,
+                     torch.zeros(B, dtype=torch.long, device=ch.device), C)
+
+
+def cache_from_ring(cache: RingCache) -> StreamingCache:
+    """Ring cache -> the layer-input cache it holds (the C most recent frames, oldest first)."""
+    L, B, R, D = cache.ring.shape
+    C = cache.cache_len
+    slot = torch.remainder(torch.arange(C, device=cache.pos.device)[None, :] + (R - C) + cache.pos[:, None], R)
+    ch = torch.gather(cache.ring, 2, slot[None, :, :, None].expand(L, B, C, D))
+    return StreamingCache(ch, cache.last_time, cache.last_channel_len)
+
+
 # ----------------------------------------------------------------------------------------------- encoder
 class ConformerEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
@@ -428,6 +522,8 @@ class ConformerEncoder(nn.Module):
             x = x[:, drop_extra_pre_encoded:]
             lengths = (lengths - drop_extra_pre_encoded).clamp(min=0)
         projected = isinstance(cache, ProjectedKVCache)
+        if isinstance(cache, RingCache):
+            return self._stream_step_ring(x, lengths, cache, cache_drop_size, att_context_size, inplace)
         cache_len = (cache.last_k if projected else cache.last_channel).shape[2]
         t = x.shape[1]
         x, pos_emb = self.pos_enc(x, cache_len=cache_len)
@@ -466,6 +562,42 @@ class ConformerEncoder(nn.Module):
                                                                 stack([v for _, v in next_channel]),
                                                                 stack(next_time), next_len)
         return x.transpose(1, 2), lengths, StreamingCache(stack(next_channel), stack(next_time), next_len)
+
+    def _stream_step_ring(self, x, lengths, cache: RingCache, cache_drop_size: int, att_context_size, inplace: bool):
+        """``stream_step`` after the pre-encode, with a ``RingCache``: the same masks and positions as the layer-input
+        cache (logical order); each layer attends over the ring in place, then the T new frames of every layer are
+        written into the ring in one scatter."""
+        L, B, R, D = cache.ring.shape
+        C, t = cache.cache_len, x.shape[1]
+        if C + t > R:
+            raise ValueError(f"a chunk of {t} frames does not fit a ring of {R} slots for a cache of {C}")
+        x, pos_emb = self.pos_enc(x, cache_len=C)
+        pad_mask, att_mask = attention_masks(lengths + C, t + C, att_context_size or self.att_context_size,
+                                             self.cfg.att_context_style, offset=C - cache.last_channel_len)
+        pad_mask, att_mask = pad_mask[:, C:], att_mask[:, C:]
+        index, stale = ring_order(cache.pos, R, C)
+        new_frames, next_time = [], []
+        for i, layer in enumerate(self.layers):
+            x, q, tm = layer(x, att_mask, pos_emb, pad_mask, None, cache.last_time[i], cache_drop_size,
+                             cache_ring=(cache.ring[i], index, stale))
+            new_frames.append(q)
+            if inplace:
+                cache.last_time[i].copy_(tm)
+            else:
+                next_time.append(tm)
+        # the cache keeps the first T - cache_drop_size new frames (overlapping chunks compute the rest again)
+        keep = t - cache_drop_size
+        ring = cache.ring if inplace else cache.ring.clone()
+        if keep > 0:
+            slots = torch.remainder(cache.pos[:, None] + torch.arange(keep, device=x.device)[None, :], R)  # [B, keep]
+            ring.scatter_(2, slots[None, :, :, None].expand(L, B, keep, D), torch.stack(new_frames)[:, :, :keep])
+        next_pos = torch.remainder(cache.pos + keep, R)
+        next_len = torch.clamp(cache.last_channel_len + keep, max=C)
+        if inplace:
+            cache.pos.copy_(next_pos)
+            cache.last_channel_len.copy_(next_len)
+            return x.transpose(1, 2), lengths, cache
+        return x.transpose(1, 2), lengths, RingCache(ring, torch.stack(next_time), next_len, next_pos, C)
 
     @torch.no_grad()
     def project_cache(self, cache: StreamingCache) -> ProjectedKVCache:

@@ -13,6 +13,9 @@ Projected-K/V variant of the stream step (``kv_cache="projected"``; the default 
 cache_last_channel is replaced by cache_last_channel_k and cache_last_channel_v [B, L, C, D] (each layer's keys and
 values after linear_k / linear_v; outputs ``*_next``), so a step projects only its new frames. Same dtypes, same
 cache_last_time / cache_last_channel_len and the same invariants. ``cache_io`` lists a variant's caches.
+Ring variant (``kv_cache="ring"``, the torch engines only): cache_last_channel_ring [B, L, R, D] holds the same C
+attention inputs in a ring of R = C + T_max slots, with cache_ring_pos [B] int64 (the slot of the next frame); a
+step writes its T new frames there instead of shifting the whole cache (``trt_asr.model.encoder.RingCache``).
 
 Unlike the guide this grew from (whose invariants ``encoded_lengths == 1`` and ``cache_last_channel_len_out == 0``
 described a stream whose cache was never carried), the invariants here say what a *carried* cache must do: the
@@ -63,13 +66,24 @@ class ContractViolation(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- variants
-KV_CACHE_VARIANTS = ("layer_input", "projected")
-# attention caches of each variant: (name, what it holds); the conv cache and the length are common to both
+KV_CACHE_VARIANTS = ("layer_input", "projected", "ring")
+# attention caches of each variant: (name, what it holds); the conv cache and the length are common to all
 _CHANNEL_CACHES = {
     "layer_input": [("cache_last_channel", "last C attention inputs of every layer")],
     "projected": [("cache_last_channel_k", "keys (after linear_k) of the last C attention inputs of every layer"),
                   ("cache_last_channel_v", "values (after linear_v) of the last C attention inputs of every layer")],
+    "ring": [("cache_last_channel_ring", "the last C attention inputs of every layer in a ring of R = C + T_max "
+                                         "slots (a step writes its T frames at cache_ring_pos, mod R)")],
 }
+# int64 [B] per-stream counters besides cache_last_channel_len
+_RING_POS = ("cache_ring_pos", "slot of the stream's next frame in cache_last_channel_ring (0 for a new stream)")
+
+
+def ring_slots(params: CacheAwareParams) -> int:
+    """R of the ring variant: the cache plus the most frames one chunk adds (first or later chunk)."""
+    t = [subsampled_length(params.input_frames(first), params.subsampling_factor, params.causal_subsampling)
+         - params.drop_extra(first) for first in (True, False)]
+    return params.last_channel_cache_size + max(t)
 
 
 def _check_variant(kv_cache: str) -> str:
@@ -79,8 +93,13 @@ def _check_variant(kv_cache: str) -> str:
 
 
 def cache_names(kv_cache: str = "layer_input") -> list[str]:
-    """The stream step's cache inputs, in contract order."""
-    return [n for n, _ in _CHANNEL_CACHES[_check_variant(kv_cache)]] + ["cache_last_time", "cache_last_channel_len"]
+    """The stream step's cache inputs, in contract order (float caches first, int64 counters last)."""
+    ring = [_RING_POS[0]] if _check_variant(kv_cache) == "ring" else []
+    return [n for n, _ in _CHANNEL_CACHES[kv_cache]] + ["cache_last_time"] + ring + ["cache_last_channel_len"]
+
+
+def float_cache_names(kv_cache: str = "layer_input") -> list[str]:
+    return [n for n, _ in _CHANNEL_CACHES[_check_variant(kv_cache)]] + ["cache_last_time"]
 
 
 def cache_io(params: CacheAwareParams, kv_cache: str = "layer_input", dtype: torch.dtype = torch.float32
@@ -88,9 +107,12 @@ def cache_io(params: CacheAwareParams, kv_cache: str = "layer_input", dtype: tor
     """Per cache of the stream step: (input name, output name, per-stream shape, dtype); the batched input is
     ``[B, *shape]``. A zero cache of these shapes is a new stream's state in every variant."""
     L, C, D, K = params.n_layers, params.last_channel_cache_size, params.d_model, params.last_time_cache_size
-    shapes = {"cache_last_time": (L, D, K), "cache_last_channel_len": ()}
+    shapes = {"cache_last_time": (L, D, K), "cache_last_channel_len": (), _RING_POS[0]: ()}
+    if kv_cache == "ring":
+        C = ring_slots(params)
     return [(name, _next_name(name), shapes.get(name, (L, C, D)),
-             torch.int64 if name == "cache_last_channel_len" else dtype) for name in cache_names(kv_cache)]
+             torch.int64 if name in ("cache_last_channel_len", _RING_POS[0]) else dtype)
+            for name in cache_names(kv_cache)]
 
 
 def initial_cache_state(params: CacheAwareParams, batch: int, kv_cache: str = "layer_input", device=None,
@@ -107,19 +129,23 @@ def _io(name, dtype, shape, meaning):
 
 def stream_io(dtype: str = "float32", kv_cache: str = "layer_input") -> tuple[list, list]:
     channel = _CHANNEL_CACHES[_check_variant(kv_cache)]
+    c = "R" if kv_cache == "ring" else "C"
+    ring = [_RING_POS] if kv_cache == "ring" else []
     inputs = [
         _io("audio_signal", dtype, ["B", "F", "T_in"], "mel features of one chunk, pre-encode cache frames first"),
         _io("length", "int64", ["B"], "real frames of audio_signal per stream"),
-        *[_io(name, dtype, ["B", "L", "C", "D"], meaning) for name, meaning in channel],
+        *[_io(name, dtype, ["B", "L", c, "D"], meaning) for name, meaning in channel],
         _io("cache_last_time", dtype, ["B", "L", "D", "K"], "last K depthwise-convolution inputs of every layer"),
+        *[_io(name, "int64", ["B"], meaning) for name, meaning in ring],
         _io("cache_last_channel_len", "int64", ["B"], "real frames in the attention cache (0 for a new stream)"
             if kv_cache != "layer_input" else "real frames in cache_last_channel (0 for a new stream)"),
     ]
     outputs = [
         _io("encoder_output", dtype, ["B", "D", "T_out"], "encoder frames of the chunk"),
         _io("encoded_lengths", "int64", ["B"], "valid encoder frames per stream"),
-        *[_io(name + "_next", dtype, ["B", "L", "C", "D"], f"{name} for the next chunk") for name, _ in channel],
+        *[_io(name + "_next", dtype, ["B", "L", c, "D"], f"{name} for the next chunk") for name, _ in channel],
         _io("cache_last_time_next", dtype, ["B", "L", "D", "K"], "cache_last_time for the next chunk"),
+        *[_io(name + "_next", "int64", ["B"], f"{name} for the next chunk") for name, _ in ring],
         _io("cache_last_channel_next_len", "int64", ["B"], "cache_last_channel_len for the next chunk"),
     ]
     return inputs, outputs
@@ -158,10 +184,13 @@ def build_contract(enc_cfg: EncoderConfig, mode: str, params: CacheAwareParams |
                 "T_in": sorted({t_first, t_next}),
                 "T_out": sorted({params.encoder_frames(t_first, True), params.encoder_frames(t_next, False)})}
         t_min, t_max = min(t_first, t_next), max(t_first, t_next)
-        C, K, L, D, F = dims["C"], dims["K"], dims["L"], dims["D"], dims["F"]
+        if kv_cache == "ring":
+            dims["R"] = ring_slots(params)
+        C, K, L, D, F = dims["R" if kv_cache == "ring" else "C"], dims["K"], dims["L"], dims["D"], dims["F"]
         shapes = lambda b, t: {"audio_signal": [b, F, t], "length": [b],  # noqa: E731
                                **{n: [b, L, C, D] for n, _ in _CHANNEL_CACHES[kv_cache]},
-                               "cache_last_time": [b, L, D, K], "cache_last_channel_len": [b]}
+                               "cache_last_time": [b, L, D, K], "cache_last_channel_len": [b],
+                               **({_RING_POS[0]: [b]} if kv_cache == "ring" else {})}
         profiles = [{"name": "chunks", "min": shapes(b_min, t_min), "opt": shapes(b_opt, t_next),
                      "max": shapes(b_max, t_max)}]
         frame_s = 0.01
@@ -307,19 +336,27 @@ class ContractChecker:
                 raise ContractViolation("input_shape", chunk, None,
                                         f"audio_signal has {t} frames; chunks have {self.dims['T_in']}")
             L, C, D, K = (self.dims[k] for k in "LCDK")
-            float_caches = cache_names(self.kv_cache)[:-1]
+            R = self.dims.get("R", C)
+            float_caches = float_cache_names(self.kv_cache)
+            counters = [n for n in cache_names(self.kv_cache) if n not in float_caches]
             for name in float_caches:
                 if inputs[name].dtype != audio.dtype:
                     raise ContractViolation("input_dtype", chunk, None, f"{name} is {inputs[name].dtype}, "
                                                                         f"audio_signal {audio.dtype}")
-            if inputs["cache_last_channel_len"].dtype != torch.int64:
-                raise ContractViolation("input_dtype", chunk, None, "cache_last_channel_len is not int64")
+            for name in counters:
+                if inputs[name].dtype != torch.int64:
+                    raise ContractViolation("input_dtype", chunk, None, f"{name} is not int64")
             for name in float_caches:
-                self._shape(name, inputs[name], [b, L, D, K] if name == "cache_last_time" else [b, L, C, D], chunk)
-            self._shape("cache_last_channel_len", inputs["cache_last_channel_len"], [b], chunk)
+                self._shape(name, inputs[name], [b, L, D, K] if name == "cache_last_time" else [b, L, R, D], chunk)
+            for name in counters:
+                self._shape(name, inputs[name], [b], chunk)
             cl = inputs["cache_last_channel_len"]
             self._fail_rows((cl < 0) | (cl > C), "cache_len_range", chunk,
                             lambda r: f"cache_last_channel_len={int(cl[r])} outside [0, {C}]")
+            if self.kv_cache == "ring":
+                pos = inputs[_RING_POS[0]]
+                self._fail_rows((pos < 0) | (pos >= R), "cache_len_range", chunk,
+                                lambda r: f"cache_ring_pos={int(pos[r])} outside [0, {R})")
         self._fail_rows((length < 0) | (length > t), "length_range", chunk,
                         lambda r: f"length={int(length[r])} outside [0, {t}]")
         self._finite({k: inputs[k] for k in self.input_names}, "input_finite", chunk)
@@ -354,6 +391,14 @@ class ContractChecker:
                             lambda r: f"cache_last_channel_next_len={int(got[r])}, expected "
                                       f"min({int(cl[r])} + {t_internal} - {p.cache_drop_size}, "
                                       f"{p.last_channel_cache_size}) = {int(want[r])}")
+            if self.kv_cache == "ring":
+                pos, R = inputs[_RING_POS[0]].to(torch.long), self.dims["R"]
+                nxt = outputs[_RING_POS[0] + "_next"].to(torch.long)
+                keep = t_internal - p.cache_drop_size
+                want_pos = torch.remainder(pos + keep, R).to(nxt.device)
+                self._fail_rows(nxt != want_pos, "cache_len_update", chunk,
+                                lambda r: f"cache_ring_pos_next={int(nxt[r])}, expected ({int(pos[r])} + "
+                                          f"{keep}) mod {R} = {int(want_pos[r])}")
         self._finite({k: outputs[k] for k in self.output_names}, "output_finite", chunk)
 
 
