@@ -54,3 +54,14 @@ timeout 280 $B2 --kv-cache layer_input --fixed-batch 256 --max-batch 256 --proce
 timeout 280 $B2 --kv-cache ring --fixed-batch 256 --max-batch 256 --processes 3 --streams 2048 --summary-json $OUT/r/e_ring_f256_p3.json > $OUT/r/e2.log 2>&1; S $OUT/r/e_ring_f256_p3.json; grep "^K=" $OUT/r/e2.log
 ;;
 esac
+case "$1" in
+F)
+CA="python3 -m trt_asr bench load --model random:parakeet-tdt-0.6b-v3 --device cuda --engine torch-cuda --state batched --drain-timeout 30 --mode cache-aware --max-streams 4096 --dtype fp16 --compile default --chunk-ms 160 --clients-per-process 128"
+timeout 420 $CA --kv-cache ring --fixed-batch 128 --max-batch 128 --batch-wait-ms 40 --server-workers 4 --duration 8 --end-spread 2 --streams 512,768 --summary-json $OUT/r/f_ca_w4_spread_ring.json > $OUT/r/f1.log 2>&1; python3 -c "
+import json,sys
+d=json.load(open(sys.argv[1]))
+for r in d['runs']:
+    print(r['streams'], r['sustained'], 'p50/p95/p99', r['p50_latency_ms'], r['p95_latency_ms'], r['p99_latency_ms'], 'words', r['duplicated_words'], r['lost_words'], r['reference_words'], 'gpu', (r.get('gpu_utilization') or {}).get('mean'), 'err', r['n_errors'], 'lost_s', r['lost_audio_seconds'], 'final', r.get('final_latency'))
+" $OUT/r/f_ca_w4_spread_ring.json; grep "^K=" $OUT/r/f1.log; tail -3 $OUT/r/f1.log
+;;
+esac
