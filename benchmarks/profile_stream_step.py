@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from profile_kernels import category  # noqa: E402
+from trt_asr.streaming.contract import KV_CACHE_VARIANTS  # noqa: E402
 
 
 def sync():
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--engine", default="torch-cuda", choices=["torch-cuda", "torch"])
     ap.add_argument("--compile", default="default", help="torch.compile mode of the engine step ('' = eager)")
-    ap.add_argument("--kv-cache", default="layer_input", choices=["layer_input", "projected", "ring"])
+    ap.add_argument("--kv-cache", default="layer_input", choices=KV_CACHE_VARIANTS)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--chunk-ms", type=float, default=160)
     ap.add_argument("--left-frames", type=int, default=70)
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
     if args.smoke:
         args.model, args.device, args.dtype, args.engine, args.batch, args.steps = (
             "random:tiny-cache-aware", "cpu", "fp32", "torch", 4, 2)
+        args.compile = ""  # the reference engine is not compiled
     torch.set_grad_enabled(False)
     model, mode, warm_s = build(args)
     print(f"built + warmed in {warm_s:.1f} s", flush=True)

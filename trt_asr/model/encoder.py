@@ -523,8 +523,9 @@ class ConformerEncoder(nn.Module):
             lengths = (lengths - drop_extra_pre_encoded).clamp(min=0)
         projected = isinstance(cache, ProjectedKVCache)
         if isinstance(cache, RingCache):
-            return self._stream_step_ring(x, lengths, cache, cache_drop_size, att_context_size, inplace)
-        cache_len = (cache.last_k if projected else cache.last_channel).shape[2]
+            cache_len = cache.cache_len
+        else:
+            cache_len = (cache.last_k if projected else cache.last_channel).shape[2]
         t = x.shape[1]
         x, pos_emb = self.pos_enc(x, cache_len=cache_len)
         offset = cache_len - cache.last_channel_len
@@ -532,6 +533,8 @@ class ConformerEncoder(nn.Module):
                                              att_context_size or self.att_context_size, self.cfg.att_context_style,
                                              offset=offset)
         pad_mask, att_mask = pad_mask[:, cache_len:], att_mask[:, cache_len:]
+        if isinstance(cache, RingCache):
+            return self._stream_step_ring(x, lengths, cache, pos_emb, pad_mask, att_mask, cache_drop_size, inplace)
         next_channel, next_time = [], []
         for i, layer in enumerate(self.layers):
             if projected:
@@ -563,18 +566,15 @@ class ConformerEncoder(nn.Module):
                                                                 stack(next_time), next_len)
         return x.transpose(1, 2), lengths, StreamingCache(stack(next_channel), stack(next_time), next_len)
 
-    def _stream_step_ring(self, x, lengths, cache: RingCache, cache_drop_size: int, att_context_size, inplace: bool):
-        """``stream_step`` after the pre-encode, with a ``RingCache``: the same masks and positions as the layer-input
-        cache (logical order); each layer attends over the ring in place, then the T new frames of every layer are
-        written into the ring in one scatter."""
+    def _stream_step_ring(self, x, lengths, cache: RingCache, pos_emb, pad_mask, att_mask, cache_drop_size: int,
+                          inplace: bool):
+        """The layers of ``stream_step`` with a ``RingCache`` (positions and masks as for the layer-input cache, in
+        logical order): each layer attends over the ring in place, then the T new frames of every layer are written
+        into the ring in one scatter."""
         L, B, R, D = cache.ring.shape
         C, t = cache.cache_len, x.shape[1]
         if C + t > R:
             raise ValueError(f"a chunk of {t} frames does not fit a ring of {R} slots for a cache of {C}")
-        x, pos_emb = self.pos_enc(x, cache_len=C)
-        pad_mask, att_mask = attention_masks(lengths + C, t + C, att_context_size or self.att_context_size,
-                                             self.cfg.att_context_style, offset=C - cache.last_channel_len)
-        pad_mask, att_mask = pad_mask[:, C:], att_mask[:, C:]
         index, stale = ring_order(cache.pos, R, C)
         new_frames, next_time = [], []
         for i, layer in enumerate(self.layers):
