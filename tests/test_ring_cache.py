@@ -117,7 +117,7 @@ def _assert_close(errs):
 
 
 def test_many_wraps_batch_of_different_lengths(tiny):
-    """80 chunks (the ring wraps 16-20 times), 3 streams ending mid-chunk at different chunks: same outputs, same
+    """80 chunks (the ring wraps 7-16 times), 3 streams ending mid-chunk at different chunks: same outputs, same
     carried cache, same tokens."""
     p = _params(tiny)
     total = frames_for_chunks(80, p)
