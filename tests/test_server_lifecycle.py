@@ -100,13 +100,13 @@ class OpenStream:
             pass
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_drains_open_streams(model, pcm, workers):
+@pytest.mark.parametrize("workers,engines", [(1, 0), (2, 0), (2, 1)])
+def test_sigterm_drains_open_streams(model, pcm, workers, engines):
     """Two streams mid-utterance when the server is told to stop: each gets the finals of exactly the audio the
     server took (== that audio streamed alone), then `end`, then close 1001; a new stream during the drain is
-    refused; the server exits."""
+    refused; the server exits. With --engines the front-ends drain first, and the engine steps their finals."""
     cut = [int(len(pcm) * 0.6), int(len(pcm) * 0.45)]
-    with serve("--workers", str(workers)) as (proc, port):
+    with serve("--workers", str(workers), "--engines", str(engines)) as (proc, port):
         clients = [OpenStream(port) for _ in cut]
         for c, n in zip(clients, cut):
             assert c.events[0]["type"] == "ready"
@@ -142,12 +142,16 @@ def test_sigterm_drains_open_streams(model, pcm, workers):
         assert finals_text(ev) == expected
 
 
-def test_workers_share_one_stream_limit_and_match_alone(model, pcm):
+@pytest.mark.parametrize("engines", [0, 2])
+def test_workers_share_one_stream_limit_and_match_alone(model, pcm, engines):
     """--workers 2 --max-sessions 2: two streams run (wherever the kernel put them), a third is refused with
-    `busy` although each worker alone would have room; each finished stream's finals == the audio alone."""
-    with serve("--workers", "2", max_sessions=2) as (proc, port):
+    `busy` although each worker alone would have room; each finished stream's finals == the audio alone. With
+    --engines 2 the front-ends hold no model: the streams run on the engine processes."""
+    with serve("--workers", "2", "--engines", str(engines), max_sessions=2) as (proc, port):
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
         assert health["workers"] == 2 and health["workers_ready"] == 2
+        if engines:
+            assert health["engine_processes"] == 2 and [e["alive"] for e in health["engines"]] == [True, True]
         # each worker froze its start-up heap (model, tokenizer) out of the collector's way, and counts pauses
         assert health["gc"]["frozen_objects"] > 10_000 and len(health["gc"]["collections"]) == 3
         a, b = OpenStream(port), OpenStream(port)
@@ -165,15 +169,30 @@ def test_workers_share_one_stream_limit_and_match_alone(model, pcm):
             check_stream_invariants(c.events)
             assert c.close_code == 1000
             assert finals_text(c.events) == expected
+        if engines:  # the offline endpoint of a front-end runs on an engine process: the same transcript
+            import io
+
+            import soundfile as sf
+
+            from trt_asr.transcribe import Transcriber
+
+            buf = io.BytesIO()
+            sf.write(buf, pcm, 16000, format="WAV", subtype="PCM_16")
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/audio/transcriptions", timeout=120,
+                           files={"file": ("a.wav", buf.getvalue(), "audio/wav")})
+            want = Transcriber(model).transcribe_arrays([pcm.astype(np.float32) / 32768.0], ["a"])[0].text
+            assert r.status_code == 200 and want and r.json()["text"] == want, r.text
         deadline = time.time() + 10  # both released their place in the shared count
         while httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["sessions"] and time.time() < deadline:
             time.sleep(0.1)
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["sessions"] == 0
 
 
-def test_a_dead_worker_stops_the_server():
-    with serve("--workers", "2") as (proc, port):
-        pid = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["worker_pid"]
+@pytest.mark.parametrize("kill", ["worker", "engine"])
+def test_a_dead_worker_stops_the_server(kill):
+    with serve("--workers", "2", *(["--engines", "1"] if kill == "engine" else [])) as (proc, port):
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        pid = health["worker_pid"] if kill == "worker" else health["engines"][0]["pid"]
         os.kill(pid, signal.SIGKILL)
         code = proc.wait(60)
         out = proc.stdout.read()
@@ -184,30 +203,36 @@ def test_a_dead_worker_stops_the_server():
 
 
 def test_bad_worker_arguments_are_refused():
-    for args, msg in ((["--workers", "0"], "--workers must be >= 1"), (["--drain-timeout", "-1"], "--drain-timeout")):
+    for args, msg in ((["--workers", "0"], "--workers must be >= 1"), (["--drain-timeout", "-1"], "--drain-timeout"),
+                      (["--engines", "-1"], "--engines must be >= 0"),
+                      (["--engines", "1", "--mode", "redecode"], "needs --mode buffered or cache-aware")):
         r = subprocess.run([sys.executable, "-m", "trt_asr", "serve", "--port", str(free_port()), *args],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
 
 
-def test_load_tool_against_its_own_server_with_workers(tmp_path):
-    """`bench load --server-workers 2`: its own server runs two worker processes; every stream's transcript equals
-    the stream alone, nothing lost, and the summary says how the server ran. Refused where it means nothing."""
+@pytest.mark.parametrize("engines", [0, 1])
+def test_load_tool_against_its_own_server_with_workers(tmp_path, engines):
+    """`bench load --server-workers 2` (and `--server-engines 1`): its own server runs two worker processes (front-ends
+    of one engine process); every stream's transcript equals the stream alone, nothing lost, and the summary says
+    how the server ran. Refused where it means nothing."""
     from trt_asr.cli import main
 
     out = tmp_path / "s.json"
     common = ["bench", "load", "--duration", "1.5", "--model", "random:tiny", "--left-secs", "1", "--chunk-secs",
               "0.5", "--right-secs", "0.5", "--latency-budget-ms", "10000", "--drain-timeout", "30"]
-    main(common + ["--streams", "4", "--server-workers", "2", "--end-spread", "1.0", "--summary-json", str(out)])
+    main(common + ["--streams", "4", "--server-workers", "2", "--server-engines", str(engines), "--end-spread", "1.0",
+                   "--summary-json", str(out)])
     d = json.loads(out.read_text())
     run = d["runs"][0]
     assert run["n_errors"] == 0 and run["lost_audio_seconds"] == 0, run
     assert run["duplicated_words"] == 0 and run["lost_words"] == 0 and run["transcripts_checked"], run
-    assert d["streams_sustained"] == 4 and "workers: 2" in d["path"], d["path"]
+    assert d["streams_sustained"] == 4 and f"workers: 2, engines: {engines}" in d["path"], d["path"]
+    assert d["server_engines"] == engines
     assert d["end_spread_s"] == 1.0 and run["server_gc"]["frozen_objects"] > 10_000, run  # a worker's heap, frozen
     for bad in (["--in-process"], ["--url", "ws://127.0.0.1:9/v1/stream"]):
         with pytest.raises(SystemExit) as e:
-            sys.exit(main(common + ["--streams", "2", "--server-workers", "2", *bad]))
+            sys.exit(main(common + ["--streams", "2", "--server-workers", "2", "--server-engines", str(engines), *bad]))
         assert e.value.code == 2
 
 

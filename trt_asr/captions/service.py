@@ -58,6 +58,8 @@ class CaptionService:
     def __post_init__(self):
         self._shared = None
         self._lock = threading.Lock()
+        self._offline_lock = threading.Lock()
+        self._transcriber = None
         self.decode = model_decoder(self.model)
         if self.pool is not None:
             self._shared = self.pool
@@ -69,9 +71,14 @@ class CaptionService:
             self._shared = SharedRecognizer(self.model, self.mode.replace("-", "_"), **self.params)
 
     @classmethod
-    def from_args(cls, args) -> "CaptionService":
+    def from_args(cls, args, pool=None) -> "CaptionService":
+        """``pool``: a ``RemoteCaptionPool`` (a front-end of ``serve --engines``): the engine processes hold the
+        model and the scheduler; this service only makes the caption pipelines."""
         from ..checkpoint import load_model
 
+        if pool is not None:
+            return cls(pool.model, args.mode, pool.params, args.commit, args.commit_age_ms, args.commit_after_updates,
+                       args.endpoint_ms or None, args.vad_hangover_ms, args.normalize_gain, pool=pool)
         if args.engine not in ("torch", None):
             from ..engines import load_engine_model
 
@@ -144,6 +151,8 @@ class CaptionService:
 
         t0 = time.perf_counter()
         pool = self._shared
+        if getattr(pool, "remote", False):  # the engine processes warmed up themselves
+            return 0.0
         mode = getattr(getattr(pool, "recognizer", None), "mode", None)
         if streams and hasattr(mode, "warmup"):
             sched = pool.scheduler
@@ -157,6 +166,19 @@ class CaptionService:
             rec.feed(audio[i:i + step])
         rec.finish()
         return time.perf_counter() - t0
+
+    def transcribe_offline(self, audio):
+        """One clip, full attention (POST /v1/audio/transcriptions): a ``trt_asr.transcribe.Transcript``. On an
+        engine process when this is a front-end of ``serve --engines``."""
+        remote = getattr(self._shared, "transcribe", None)
+        if remote is not None:
+            return remote(audio)
+        from ..transcribe import Transcriber
+
+        with self._offline_lock:
+            if self._transcriber is None:
+                self._transcriber = Transcriber(self.model)
+            return self._transcriber.transcribe_arrays([audio], ["upload"])[0]
 
     def info(self) -> dict:
         return {"model": self.model_name, "mode": self.mode, "params": self.params, "commit": self.commit,

@@ -118,6 +118,9 @@ def register(sub) -> None:
                     "this old (fuller steps of a fixed batch shape; the wait counts in the latency)")
     lp.add_argument("--server-workers", type=int, default=1, metavar="N",
                     help="our own server: N worker processes on one port (as `trt-asr serve --workers N`)")
+    lp.add_argument("--server-engines", type=int, default=0, metavar="M",
+                    help="our own server: M engine processes hold the model and schedulers, the --server-workers "
+                    "are front-ends only (as `trt-asr serve --engines M`)")
     lp.add_argument("--processes", type=int, default=1, metavar="P",
                     help="in-process: P worker processes share the GPU, each with its own model, engine and "
                     "scheduler and K/P of the streams, started together (one Python process's GIL bounds the "
@@ -448,6 +451,7 @@ def start_server(args, mode: str, params: dict, max_sessions: int, wait: bool = 
             "port": port, "max_sessions": max_sessions, "batching": args.server_batching,
             "dispatch": getattr(args, "caption_dispatch", "shared"),
             "max_batch": args.max_batch, "workers": getattr(args, "server_workers", 1),
+            "engines": getattr(args, "server_engines", 0),
             "batch_wait_ms": getattr(args, "batch_wait_ms", 0.0)}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"trt_asr_bench_server_{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", "from trt_asr.cli.bench import _serve_main; _serve_main()",
@@ -483,21 +487,46 @@ def _serve_main() -> None:
     spec = json.loads(sys.argv[1])
     from ..serving.runner import serve_app, serve_workers
 
-    workers = int(spec.get("workers", 1))
-    if workers == 1:
+    workers, engines = int(spec.get("workers", 1)), int(spec.get("engines", 0))
+    if workers == 1 and not engines:
         serve_app(_bench_app(spec), port=spec["port"], drain_timeout=10.0)
     else:
         sys.exit(serve_workers(_bench_app, (spec,), workers, port=spec["port"], max_sessions=spec["max_sessions"],
-                               drain_timeout=10.0))
+                               drain_timeout=10.0, engines=engines, engine_build=_bench_engine, engine_args=(spec,)))
 
 
-def _bench_app(spec: dict, admission=None, health=None):
-    """The app of ``trt-asr serve`` with the load tool's engine options (one per worker with --server-workers)."""
+def _bench_engine(spec: dict):
+    """An engine process of --server-engines: the service of ``_bench_app`` (model, compiled engine, scheduler,
+    warm-up) served to the front-ends."""
+    from ..serving.shared_engine import EngineHost
+
+    return EngineHost(_bench_service(spec))
+
+
+def _bench_app(spec: dict, admission=None, health=None, remote=None):
+    """The app of ``trt-asr serve`` with the load tool's engine options (one per worker with --server-workers; with
+    --server-engines a front-end of the engine processes)."""
+    from ..serving.app import Limits, create_app
+
+    if remote is not None:
+        from ..captions.service import CaptionService
+        from ..serving.shared_engine import RemoteCaptionPool
+
+        pool = RemoteCaptionPool(remote)
+        svc = CaptionService(pool.model, spec["mode"].replace("_", "-"), pool.params, commit="engine",
+                             endpoint_ms=None, pool=pool)
+        base = health
+        health = lambda: {**(base() if base is not None else {}), "engines": pool.engines()}  # noqa: E731
+    else:
+        svc = _bench_service(spec)
+    return create_app(svc, None, Limits(max_sessions=spec["max_sessions"]), admission=admission, health=health)
+
+
+def _bench_service(spec: dict):
     if os.environ.get("TRT_ASR_SWITCH_INTERVAL"):  # GIL hand-off interval (experiments; CPython default 5 ms)
         sys.setswitchinterval(float(os.environ["TRT_ASR_SWITCH_INTERVAL"]))
     from ..captions.service import CaptionService
     from ..checkpoint import load_model
-    from ..serving.app import Limits, create_app
 
     model = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
     _streamable_features(model, spec["mode"])
@@ -521,7 +550,7 @@ def _bench_app(spec: dict, admission=None, health=None):
                          batching="lock" if spec["batching"] == "lock" else "scheduler",
                          dispatch=spec.get("dispatch", "shared"), pool=pool)
     svc.warmup()
-    return create_app(svc, None, Limits(max_sessions=spec["max_sessions"]), admission=admission, health=health)
+    return svc
 
 
 async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, timeout: float, out: dict):
@@ -809,9 +838,12 @@ def run_load(args) -> int:
     if args.batch_wait_ms < 0:
         print(f"error: --batch-wait-ms must be >= 0, not {args.batch_wait_ms:g}", file=sys.stderr)
         return 2
-    if args.server_workers < 1 or (args.server_workers > 1 and (args.in_process or args.url)):
-        print("error: --server-workers N (N >= 1) is for runs against our own server (no --in-process, no --url)",
-              file=sys.stderr)
+    if args.server_workers < 1 or ((args.server_workers > 1 or args.server_engines) and (args.in_process or args.url)):
+        print("error: --server-workers N (N >= 1) and --server-engines are for runs against our own server (no "
+              "--in-process, no --url)", file=sys.stderr)
+        return 2
+    if args.server_engines < 0 or (args.server_engines and args.server_batching == "lock"):
+        print("error: --server-engines M needs M >= 0 and the scheduler's batching", file=sys.stderr)
         return 2
     if args.processes > 1:
         if not args.in_process or min(ks) < args.processes:
@@ -939,7 +971,8 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "latency_budget_ms": round(budget_s * 1000, 1),
         "path": "in-process" if args.in_process else ("server:" + (args.url or "own 127.0.0.1 server")
                                                       + f" (batching: {args.server_batching}, "
-                                                      f"workers: {getattr(args, 'server_workers', 1)})"),
+                                                      f"workers: {getattr(args, 'server_workers', 1)}, "
+                                                      f"engines: {getattr(args, 'server_engines', 0)})"),
         "mode": mode, "mode_params": _jsonable_params(params), "engine": getattr(args, "engine", "torch"),
         "kv_cache": getattr(args, "kv_cache", "layer_input"), "compile": getattr(args, "compile_mode", None),
         "state": cache_aware_state(args, mode),
@@ -949,6 +982,7 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "dtype": args.dtype, "duration_s": args.duration, "end_spread_s": args.end_spread, "frame_ms": args.frame_ms,
         "send_tick_ms": getattr(args, "send_tick_ms", None), "max_batch": args.max_batch,
         "batch_wait_ms": getattr(args, "batch_wait_ms", 0.0), "server_workers": getattr(args, "server_workers", 1),
+        "server_engines": getattr(args, "server_engines", 0),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
         "runs": runs,
     }

@@ -18,7 +18,10 @@ def register(sub) -> None:
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent WebSocket streams (all workers)")
     p.add_argument("--workers", type=int, default=1, help="server processes on one port, each with its own model "
                    "and scheduler on the same device (one process's GIL limits how many streams it can carry)")
-    g = p.add_argument_group("batching (one scheduler per worker batches all its streams)")
+    p.add_argument("--engines", type=int, default=0, metavar="M", help="M engine processes hold the model and a "
+                   "scheduler each, and the --workers processes are front-ends only (sockets, audio, captions), each "
+                   "opening its streams on the engine with the fewest of them; 0: every worker has its own model")
+    g = p.add_argument_group("batching (one scheduler per worker, or per engine with --engines, batches its streams)")
     g.add_argument("--max-batch", type=int, default=32, help="streams in one engine step at most")
     g.add_argument("--fixed-batch", type=int, default=None, metavar="S", help="every engine call has exactly S rows "
                    "(one shape: CUDA graphs, and each stream bitwise the same as alone in any precision)")
@@ -37,20 +40,44 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def build_app(args, admission=None, health=None):
-    """The app for these args: loads the model and warms it up (in each worker with --workers). Module-level so a
-    spawned worker can be handed it."""
+def build_app(args, admission=None, health=None, remote=None):
+    """The app for these args: loads the model and warms it up (in each worker with --workers), or, with
+    ``remote`` (--engines), connects to the engine processes. Module-level so a spawned worker can be handed it."""
     from ._captions import load_caption_service
     from ..serving.app import Limits, create_app
+
+    if remote is not None:
+        from ..captions.service import CaptionService
+        from ..serving.shared_engine import RemoteCaptionPool
+
+        pool = RemoteCaptionPool(remote)
+        svc = CaptionService.from_args(args, pool=pool)
+        base = health
+        health = lambda: {**(base() if base is not None else {}), "engines": pool.engines()}  # noqa: E731
+    else:
+        svc = load_caption_service(args)
+        if svc is None:
+            raise SystemExit(2)
+        if not args.no_warmup:
+            per_worker = -(-args.max_sessions // max(1, args.workers))  # the streams one worker is likely to carry
+            svc.warmup(streams=per_worker if svc.model.device.type == "cuda" else None)
+    limits = Limits(max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
+    return create_app(svc, args.token, limits, admission=admission, health=health)
+
+
+def build_engine(args):
+    """An engine process of ``--engines``: the model, its scheduler (sized for every stream of the server: the
+    front-ends may put them all on one engine) and the warm-up; served to the front-ends by ``EngineHost``."""
+    from ._captions import load_caption_service
+    from ..serving.shared_engine import EngineHost
 
     svc = load_caption_service(args)
     if svc is None:
         raise SystemExit(2)
     if not args.no_warmup:
-        per_worker = -(-args.max_sessions // max(1, args.workers))  # the streams one worker is likely to carry
-        svc.warmup(streams=per_worker if svc.model.device.type == "cuda" else None)
-    limits = Limits(max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
-    return create_app(svc, args.token, limits, admission=admission, health=health)
+        per_engine = -(-args.max_sessions // max(1, args.engines))
+        svc.warmup(streams=per_engine if svc.model.device.type == "cuda" else None)
+    return EngineHost(svc)
 
 
 def run(args) -> int:
@@ -64,6 +91,10 @@ def run(args) -> int:
     if args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
+    if args.engines < 0 or (args.engines and args.mode == "redecode"):
+        print("error: --engines must be >= 0, and needs --mode buffered or cache-aware (a scheduler)",
+              file=sys.stderr)
+        return 2
     if args.max_batch < 1 or (args.fixed_batch is not None and args.fixed_batch < 1) or args.batch_wait_ms < 0:
         print("error: --max-batch and --fixed-batch must be >= 1, --batch-wait-ms >= 0", file=sys.stderr)
         return 2
@@ -74,7 +105,7 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print(f"warning: binding {args.host} without --token: anyone who can reach it can use it", file=sys.stderr)
     where = f"http://{args.host}:{args.port}/"
-    if args.workers == 1:
+    if args.workers == 1 and not args.engines:
         try:
             app = build_app(args)
         except SystemExit as e:
@@ -83,8 +114,10 @@ def run(args) -> int:
         print(f"trt-asr serve: {where} (model {svc.model_name}, mode {svc.mode})", file=sys.stderr, flush=True)
         serve_app(app, args.host, args.port, args.drain_timeout, args.log_level, ws_deflate=args.ws_deflate)
         return 0
+    engines = f", {args.engines} engine processes" if args.engines else ""
     return serve_workers(build_app, (args,), args.workers, args.host, args.port, args.max_sessions,
                          args.drain_timeout, args.log_level,
-                         on_ready=lambda: print(f"trt-asr serve: {where} ({args.workers} workers, mode {args.mode})",
-                                                file=sys.stderr, flush=True),
-                         ws_deflate=args.ws_deflate)
+                         on_ready=lambda: print(f"trt-asr serve: {where} ({args.workers} workers{engines}, mode "
+                                                f"{args.mode})", file=sys.stderr, flush=True),
+                         ws_deflate=args.ws_deflate, engines=args.engines, engine_build=build_engine,
+                         engine_args=(args,))

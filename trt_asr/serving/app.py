@@ -17,7 +17,6 @@ import asyncio
 import hmac
 import json
 import re
-import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -99,8 +98,6 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
     # sessions: this process's open streams (the admission count may be all workers')
     state = {"sessions": 0, "started": time.time(), "streams_total": 0, "draining": False}
     stops: set[asyncio.Future] = set()  # one per open stream: resolved by a drain (futures of the serving loop)
-    offline_lock = threading.Lock()
-    transcriber = None
 
     def authorized(headers, query=None) -> bool:
         if not token:
@@ -122,15 +119,9 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     def _transcribe(data: bytes):
-        nonlocal transcriber
         from ..audio import load_audio
-        from ..transcribe import Transcriber
 
-        audio = load_audio(data, service.sample_rate)
-        with offline_lock:
-            if transcriber is None:
-                transcriber = Transcriber(service.model)
-            return transcriber.transcribe_arrays([audio], ["upload"])[0]
+        return service.transcribe_offline(load_audio(data, service.sample_rate))
 
     async def transcriptions(request: Request):
         if not authorized(request.headers):
@@ -234,8 +225,12 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
 
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        pipe = service.pipeline(lambda e: loop.call_soon_threadsafe(out.put_nowait, e), rate, channels, encoding,
-                                options)
+        try:
+            pipe = service.pipeline(lambda e: loop.call_soon_threadsafe(out.put_nowait, e), rate, channels, encoding,
+                                    options)
+        except (ConnectionError, RuntimeError) as e:  # the scheduler's admission, or no engine process (--engines)
+            code = getattr(e, "code", None) or "engine_unavailable"
+            return await fail(code, getattr(e, "message", None) or str(e), protocol.ERRORS.get(code, 1011))
         state["sessions"] += 1
         state["streams_total"] += 1
         bytes_per_second = rate * channels * ENCODINGS[encoding][0].itemsize

@@ -54,6 +54,7 @@ ERRORS = {
     "unauthorized": 1008,
     "capacity": 1013,               # try again later
     "busy": 1013,
+    "engine_unavailable": 1013,     # serve --engines: no engine process answers (try again later)
     "shutting_down": 1001,
     "idle_timeout": 1000,
     "stream_too_long": 1008,

@@ -6,6 +6,11 @@ scheduler's worker thread under one GIL. Workers are separate processes, each wi
 CUDA graphs on the same GPU, accepting from one listening socket (the kernel hands each connection to one of
 them). The stream limit stays global: every worker counts in the same shared-memory counter.
 
+With ``engines=M`` (``serve --workers N --engines M``) the N workers are front-ends only (sockets, DSP, captions)
+and M engine processes hold the model and a scheduler each (``trt_asr.serving.shared_engine``): the supervisor
+starts the engines first, then the front-ends, which connect to every engine; on shutdown the front-ends drain
+first, then the engines stop.
+
 Shutdown (SIGINT / SIGTERM, to the server or to the supervisor, which forwards SIGTERM): new streams are refused,
 the open ones end as if each client had sent ``{"type": "end"}`` (finals and ``end`` go out, then close code 1001),
 for at most ``drain_timeout`` seconds; then uvicorn's own shutdown. A second Ctrl-C stops at once.
@@ -18,9 +23,11 @@ import importlib.util
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -79,62 +86,117 @@ def serve_app(app, host: str = "127.0.0.1", port: int = 8000, drain_timeout: flo
 
 
 def _worker(build: Callable, build_args: tuple, sock: socket.socket, sessions, ready, workers: int,
-            max_sessions: int, drain_timeout: float, log_level: str, ws_deflate: bool) -> None:
-    """One worker process: build the app (loads the model), count itself ready, serve the shared socket."""
+            max_sessions: int, drain_timeout: float, log_level: str, ws_deflate: bool, remote=None,
+            engines: int = 0) -> None:
+    """One worker process: build the app (loads the model, or connects to the engines), count itself ready, serve
+    the shared socket."""
     # The supervisor forwards SIGTERM; a terminal's Ctrl-C also reaches every process of the group. uvicorn
     # installs its own handlers while it serves and re-raises the signal afterwards, with these: a clean exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    extra = {"remote": remote} if remote is not None else {}
     app = build(*build_args, admission=Admission(max_sessions, sessions),
-                health=lambda: {"workers": workers, "workers_ready": ready.value, "worker_pid": os.getpid()})
+                health=lambda: {"workers": workers, "workers_ready": ready.value, "worker_pid": os.getpid(),
+                                **({"engine_processes": engines} if engines else {})}, **extra)
     with ready.get_lock():
         ready.value += 1
     serve_app(app, drain_timeout=drain_timeout, log_level=log_level, sockets=[sock], ws_deflate=ws_deflate)
 
 
+def _engine(build: Callable, build_args: tuple, path: str, authkey: bytes, ready, drain_timeout: float) -> None:
+    """One engine process (``serve --engines``): build the ``EngineHost`` (loads and warms the model), listen on
+    ``path`` for the front-ends, count itself ready; on SIGTERM drain what is still open and stop."""
+    from multiprocessing.connection import Listener
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    host = build(*build_args)
+    listener = Listener(path, family="AF_UNIX", authkey=authkey)
+    freeze_heap()
+    PAUSES.install()
+    host.start(listener)
+    with ready.get_lock():
+        ready.value += 1
+    while not stopping.wait(0.5):
+        pass
+    host.stop(drain_timeout)
+
+
 def serve_workers(build: Callable, build_args: tuple, workers: int, host: str = "127.0.0.1", port: int = 8000,
                   max_sessions: int = 16, drain_timeout: float = 30.0, log_level: str = "warning",
                   on_ready: Callable[[], None] | None = None, start_timeout: float = 900.0,
-                  ws_deflate: bool = False) -> int:
+                  ws_deflate: bool = False, engines: int = 0, engine_build: Callable | None = None,
+                  engine_args: tuple = ()) -> int:
     """Run ``workers`` processes, each serving ``build(*build_args, admission=..., health=...)`` (a picklable,
     module-level function that returns the app; ``health`` adds the workers' state to GET /health) on one
-    listening socket. The supervisor loads nothing itself. If a worker dies,
+    listening socket. With ``engines`` > 0, first that many engine processes, each running
+    ``engine_build(*engine_args)`` (an ``EngineHost``), and ``build`` also gets ``remote=`` (their
+    ``EngineAddresses``). The supervisor loads nothing itself. If a worker or an engine dies,
     the others are stopped and the exit code is 1: a server that silently lost part of its capacity is worse than
     one that stops. Returns the exit code."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if engines < 0 or (engines and engine_build is None):
+        raise ValueError("engines > 0 needs engine_build")
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     sock = uvicorn.Config(app=None, host=host, port=port).bind_socket()
-    sessions, ready = ctx.Value("i", 0), ctx.Value("i", 0)
+    sessions, ready, engines_ready = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0)
+    remote = None
+    engine_procs = []
+    if engines:
+        from .shared_engine import engine_addresses
+
+        remote = engine_addresses(engines)
+        engine_procs = [ctx.Process(target=_engine, name=f"trt-asr-engine-{i}",
+                                    args=(engine_build, engine_args, path, remote.authkey, engines_ready,
+                                          drain_timeout))
+                        for i, path in enumerate(remote.paths)]
     procs = [ctx.Process(target=_worker, name=f"trt-asr-worker-{i}",
                          args=(build, build_args, sock, sessions, ready, workers, max_sessions, drain_timeout,
-                               log_level, ws_deflate))
+                               log_level, ws_deflate, remote, engines))
              for i in range(workers)]
     stopping = False
 
     def stop(signum, frame):
         nonlocal stopping
         if stopping and signum == signal.SIGINT:  # second Ctrl-C: now
-            for p in procs:
+            for p in procs + engine_procs:
                 if p.is_alive():
                     p.kill()
             return
         stopping = True
-        for p in procs:
+        for p in procs if any(p.pid is not None for p in procs) else engine_procs:
             if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGTERM)
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
-        for p in procs:
+        started = time.monotonic()
+        for p in engine_procs:
             p.start()
-        announced, started = False, time.monotonic()
-        while any(p.is_alive() for p in procs):
-            if not stopping and any(p.exitcode is not None for p in procs):
-                dead = [p for p in procs if p.exitcode is not None]
-                print(f"error: worker {dead[0].name} exited with code {dead[0].exitcode}; stopping the others",
+        while engine_procs and engines_ready.value < engines and not stopping:  # the front-ends connect to them
+            dead = [p for p in engine_procs if p.exitcode is not None]
+            if dead:
+                print(f"error: engine {dead[0].name} exited with code {dead[0].exitcode} while starting",
                       file=sys.stderr, flush=True)
+                code = 1
+                stopping = True
+            elif time.monotonic() - started > start_timeout:
+                print(f"error: the engines did not start within {start_timeout:.0f} s", file=sys.stderr, flush=True)
+                code = 1
+                stopping = True
+            time.sleep(0.1)
+        if not stopping:
+            for p in procs:
+                p.start()
+        announced = False
+        while any(p.is_alive() for p in procs):
+            if not stopping and any(p.exitcode is not None for p in procs + engine_procs):
+                dead = [p for p in procs + engine_procs if p.exitcode is not None]
+                print(f"error: {'worker' if dead[0] in procs else 'engine'} {dead[0].name} exited with code "
+                      f"{dead[0].exitcode}; stopping the others", file=sys.stderr, flush=True)
                 code = 1
                 stop(signal.SIGTERM, None)
             if not announced and ready.value >= workers:
@@ -150,14 +212,24 @@ def serve_workers(build: Callable, build_args: tuple, workers: int, host: str = 
                 stop(signal.SIGTERM, None)
             time.sleep(0.1)
         for p in procs:
-            p.join()
+            if p.pid is not None:
+                p.join()
             if p.exitcode not in (0, None) and not stopping:
                 code = 1
+        # the front-ends have drained (their streams have their finals): now the engines
+        for p in engine_procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+        for p in engine_procs:
+            if p.pid is not None:
+                p.join(timeout=drain_timeout + 30)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        for p in procs:
+        for p in procs + engine_procs:
             if p.is_alive():
                 p.kill()
         sock.close()
+        if remote is not None:
+            shutil.rmtree(os.path.dirname(remote.paths[0]), ignore_errors=True)
     return code
