@@ -200,7 +200,7 @@ class EngineHost:
             for conn in ready:
                 link = by_conn[conn]
                 try:
-                    while True:  # everything this front-end sent so far
+                    for _ in range(8):  # what this front-end sent so far, a bounded share per round (fairness)
                         for op in conn.recv():
                             link.apply(op)
                         if not conn.poll(0):
