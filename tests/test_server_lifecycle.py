@@ -202,6 +202,28 @@ def test_a_dead_worker_stops_the_server(kill):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+def test_workers_and_engines_exit_when_the_supervisor_is_killed():
+    """SIGKILL gives the supervisor no chance to stop its children: they must not serve on as orphans."""
+    with serve("--workers", "2", "--engines", "1") as (proc, port):
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        pids = [health["worker_pid"], health["engines"][0]["pid"]]
+        proc.kill()
+        proc.wait(10)
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped by init) is gone for our purpose
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_bad_worker_arguments_are_refused():
     for args, msg in ((["--workers", "0"], "--workers must be >= 1"), (["--drain-timeout", "-1"], "--drain-timeout"),
                       (["--engines", "-1"], "--engines must be >= 0"),

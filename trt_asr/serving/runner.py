@@ -85,6 +85,19 @@ def serve_app(app, host: str = "127.0.0.1", port: int = 8000, drain_timeout: flo
     DrainingServer(config, drain_timeout).run(sockets=sockets)
 
 
+def _exit_with_supervisor() -> None:
+    """Ask Linux to send this process SIGTERM when the supervisor dies, however it dies (even SIGKILL, which gives it
+    no chance to stop its children): a worker or engine then drains and exits instead of serving on as an orphan."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
+
+
 def _worker(build: Callable, build_args: tuple, sock: socket.socket, sessions, ready, workers: int,
             max_sessions: int, drain_timeout: float, log_level: str, ws_deflate: bool, remote=None,
             engines: int = 0) -> None:
@@ -94,6 +107,7 @@ def _worker(build: Callable, build_args: tuple, sock: socket.socket, sessions, r
     # installs its own handlers while it serves and re-raises the signal afterwards, with these: a clean exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    _exit_with_supervisor()
     extra = {"remote": remote} if remote is not None else {}
     app = build(*build_args, admission=Admission(max_sessions, sessions),
                 health=lambda: {"workers": workers, "workers_ready": ready.value, "worker_pid": os.getpid(),
@@ -111,6 +125,7 @@ def _engine(build: Callable, build_args: tuple, path: str, authkey: bytes, ready
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    _exit_with_supervisor()
     host = build(*build_args)
     listener = Listener(path, family="AF_UNIX", authkey=authkey)
     freeze_heap()
