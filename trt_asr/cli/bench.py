@@ -515,8 +515,7 @@ def _bench_app(spec: dict, admission=None, health=None, remote=None):
         pool = RemoteCaptionPool(remote)
         svc = CaptionService(pool.model, spec["mode"].replace("_", "-"), pool.params, commit="engine",
                              endpoint_ms=None, pool=pool)
-        base = health
-        health = lambda: {**(base() if base is not None else {}), "engines": pool.engines()}  # noqa: E731
+        health = pool.health(health)
     else:
         svc = _bench_service(spec)
     return create_app(svc, None, Limits(max_sessions=spec["max_sessions"]), admission=admission, health=health)

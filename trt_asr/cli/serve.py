@@ -52,8 +52,7 @@ def build_app(args, admission=None, health=None, remote=None):
 
         pool = RemoteCaptionPool(remote)
         svc = CaptionService.from_args(args, pool=pool)
-        base = health
-        health = lambda: {**(base() if base is not None else {}), "engines": pool.engines()}  # noqa: E731
+        health = pool.health(health)
     else:
         svc = load_caption_service(args)
         if svc is None:

@@ -219,10 +219,6 @@ class EngineHost:
                 if not link.closed:
                     link.flush()
 
-    @property
-    def open_streams(self) -> int:
-        return sum(len(link.streams) for link in self._links)
-
     def transcribe(self, audio: np.ndarray):
         from ..transcribe import Transcriber
 
@@ -658,6 +654,10 @@ class RemoteCaptionPool:
     def engines(self) -> list[dict]:
         return [{"index": link.index, "pid": link.info.get("pid"), "alive": link.alive, "streams": len(link.streams)}
                 for link in self.links]
+
+    def health(self, base: Callable[[], dict] | None = None) -> Callable[[], dict]:
+        """``base``'s GET /health fields (the workers') plus this front-end's view of the engines."""
+        return lambda: {**(base() if base is not None else {}), "engines": self.engines()}
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """With ``drain``: wait (up to ``timeout`` s) until this front-end's streams have their finals; then
