@@ -97,6 +97,33 @@ def test_events_add_up(tiny):
     assert not rec.sessions  # finished sessions leave the recognizer
 
 
+def test_token_events_carry_the_full_events_tokens(tiny):
+    """``Recognizer(events="tokens")`` (what the server's schedulers run): each event has the same tokens (id,
+    frame, duration), tentative tail, ``final`` and ``committed_until`` as the full events of the same audio, and no
+    text or words; the session's text is still there when asked for."""
+    a = audio(3.7, 9)
+    runs = {}
+    for kind in ("full", "tokens"):
+        rec = Recognizer(tiny, "buffered", events=kind, **CTX)
+        s = rec.open()
+        events = []
+        for pos in range(0, a.numel(), 2000):
+            events += s.feed(a[pos:pos + 2000])
+        events += s.finish()
+        runs[kind] = (events, s)
+    full, lean = runs["full"][0], runs["tokens"][0]
+    assert len(full) == len(lean) > 3
+    key = lambda ts: [(t.id, t.frame, t.duration) for t in ts]  # noqa: E731
+    for f, t in zip(full, lean):
+        assert key(f.committed) == key(t.committed) and key(f.tentative) == key(t.tentative)
+        assert (f.final, f.committed_until) == (t.final, t.committed_until)
+        assert t.text == t.tentative_text == "" and t.words == []
+    assert sum(len(ev.committed) for ev in lean) > 0 and lean[-1].final
+    assert runs["tokens"][1].text == runs["full"][1].text != ""
+    with pytest.raises(ValueError):
+        Recognizer(tiny, "buffered", events="words")
+
+
 def test_transcribe_streaming_equals_offline_when_window_covers_file(tiny):
     from trt_asr.transcribe import Transcriber
 

@@ -1098,9 +1098,9 @@ class CaptionSchedulerPool:
                 state == "batched" or (state == "auto" and not model.cfg.preprocessor.normalize)):
             from .batched_cache_aware import BatchedCacheAwareMode
 
-            self.recognizer = Recognizer(model, BatchedCacheAwareMode(model, **params))
+            self.recognizer = Recognizer(model, BatchedCacheAwareMode(model, **params), events="tokens")
         else:
-            self.recognizer = Recognizer(model, mode.replace("-", "_"), **params)
+            self.recognizer = Recognizer(model, mode.replace("-", "_"), events="tokens", **params)
         # admission is the server's (--max-sessions); the scheduler's own bound only guards memory
         cfg = config or SchedulerConfig(sample_rate=self.recognizer.mode.sample_rate, idle_timeout=None,
                                         max_streams=1024)

@@ -132,7 +132,9 @@ class StreamSession:
         self.finished = False
         self._events: list[StreamEvent] = []
         tok = recognizer.tokenizer
-        self._text = tok.incremental() if tok is not None else None  # committed text, not re-decoded every step
+        self._lean = recognizer.events == "tokens"
+        # committed text, not re-decoded every step (lean events: decoded only if ``text`` is asked for)
+        self._text = tok.incremental() if tok is not None and not self._lean else None
         self._word_from = 0  # index in self.tokens where the current (incomplete) word starts
         self._scanned = 0  # tokens before this index were already checked for word starts
         self.horizon = 0  # encoder frames decided so far (nothing before it can change)
@@ -194,6 +196,14 @@ class StreamSession:
             self.horizon = result.horizon
         elif result.committed:
             self.horizon = result.committed[-1].frame
+        if self._lean:
+            self.finished = result.finished
+            self._events.append(StreamEvent(committed=list(result.committed), tentative=self.tentative, words=[],
+                                            text="", tentative_text="", final=result.finished,
+                                            committed_until=self.committed_until))
+            if result.finished:
+                rec._remove(self)
+            return
         new_words = self._complete_words(final=result.finished)
         self.finished = result.finished
         self._events.append(StreamEvent(
@@ -230,12 +240,21 @@ class Recognizer:
     """Owns the model (through a mode) and all open sessions; steps every ready session in one batch.
 
     ``mode``: "buffered" (default) or "cache_aware", or a ``StreamingMode`` object; ``params`` go to the mode
-    (buffered: left_secs, chunk_secs, right_secs, ...). ``max_batch`` caps the streams in one step."""
+    (buffered: left_secs, chunk_secs, right_secs, ...). ``max_batch`` caps the streams in one step.
 
-    def __init__(self, model, mode: str | StreamingMode = "buffered", max_batch: int = 64, **params):
+    ``events="tokens"``: each ``StreamEvent`` carries the step's tokens as the mode gave them (``Token``: id, frame,
+    duration) and ``final`` / ``committed_until``, without pieces, times, words or text (empty). For consumers that
+    build their own text from the tokens (the caption layer, an engine process sending tokens to its front-ends):
+    detokenising every stream at every step is a large share of a busy scheduler's host work."""
+
+    def __init__(self, model, mode: str | StreamingMode = "buffered", max_batch: int = 64, events: str = "full",
+                 **params):
+        if events not in ("full", "tokens"):
+            raise ValueError(f"events must be 'full' or 'tokens', got {events!r}")
         self.model = model
         self.mode = make_mode(model, mode, **params)
         self.max_batch = max_batch
+        self.events = events
         self.tokenizer = getattr(model, "tokenizer", None)
         self.sessions: dict[int, StreamSession] = {}
         self._next_id = 0
