@@ -312,3 +312,44 @@ def test_ws_bad_input_gives_clear_errors(server):
         types = []
         while "end" not in types:
             types.append(json.loads(ws.recv(timeout=30))["type"])
+
+
+def test_loop_relay_delivers_every_item_in_order_with_few_wakeups():
+    """``LoopRelay`` (the caption dispatcher's events to the WebSocket senders): items put from other threads reach
+    their asyncio queues all, each queue in put order, and the loop is woken once per batch, not once per item."""
+    import asyncio
+
+    from trt_asr.serving.app import LoopRelay
+
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    real = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: wakeups.append(1) or real(*a)
+    relay = LoopRelay(loop)
+    queues = [asyncio.Queue() for _ in range(3)]
+    n = 3000
+
+    def producer(tag):
+        for i in range(n):
+            relay.put(queues[i % 3], (tag, i))
+
+    async def main():
+        threads = [threading.Thread(target=producer, args=(t,)) for t in ("a", "b")]
+        for t in threads:
+            t.start()
+        got = [[] for _ in queues]
+        while sum(map(len, got)) < 2 * n:
+            for q, out in zip(queues, got):
+                while not q.empty():
+                    out.append(q.get_nowait())
+            await asyncio.sleep(0.001)
+        for t in threads:
+            t.join()
+        return got
+
+    got = loop.run_until_complete(asyncio.wait_for(main(), 30))
+    loop.close()
+    for k, items in enumerate(got):
+        for tag in ("a", "b"):
+            assert [i for t, i in items if t == tag] == list(range(k, n, 3))  # all, in order
+    assert len(wakeups) < n  # batches (two threads put 6,000 items)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import difflib
 import gc
 import json
@@ -93,6 +94,10 @@ def register(sub) -> None:
                     help="each stream is longer than --duration by a uniform random 0..S s, so the streams end over S "
                     "seconds instead of within one chunk (0: every stream ends within one chunk of the others: all K "
                     "finals at once, the worst case for the finals' latency)")
+    lp.add_argument("--start-spread", type=float, default=0.0, metavar="S",
+                    help="the streams start at uniform random times over S seconds (default, or below one chunk: "
+                    "over one chunk, so all K connect and open at once, the worst case for the streams' first "
+                    "events); latency_by_stream_second in the summary shows each second of the streams apart")
     lp.add_argument("--frame-ms", type=float, default=100.0, help="client frame size")
     lp.add_argument("--send-tick-ms", type=float, default=10.0,
                     help="in-process: each frame is sent at the first tick of this period after its audio exists "
@@ -361,7 +366,8 @@ def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float
                                                  batch_wait=args.batch_wait_ms / 1000))
     frame = int(args.frame_ms / 1000 * RATE)
     rng = np.random.default_rng(args.seed)
-    offsets = rng.uniform(0, chunk_s, k)
+    start_spread = getattr(args, "start_spread", 0.0) or 0.0
+    offsets = rng.uniform(0, max(chunk_s, start_spread), k)
     n_frames = [int(np.ceil(a.size / frame)) for a in audios]
     streams = [sched.open() for _ in range(k)]
     committed = [[] for _ in range(k)]
@@ -387,7 +393,7 @@ def _run_in_process(model, args, k: int, mode: str, params: dict, chunk_s: float
     sent = [0] * k
     with gpu:
         backlog: list = []
-        deadline_total = t0 + args.duration + args.end_spread + chunk_s + args.drain_timeout
+        deadline_total = t0 + args.duration + start_spread + args.end_spread + chunk_s + args.drain_timeout
         for when, i, j in pending:
             delay = t0 + when - time.monotonic()
             if delay > 0:
@@ -556,10 +562,14 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
     from websockets.asyncio.client import connect
 
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    frames = [audio[i:i + frame] for i in range(0, audio.size, frame)]
-    send_t = np.zeros(len(frames))
-    ends = np.cumsum([f.size for f in frames]) / RATE
+    # the wire bytes of every frame, made before the clock starts: the generator shares the server's machine, and
+    # converting each frame as it is sent was half of its CPU time
+    pcm = np.round(audio * 32768).clip(-32768, 32767).astype("<i2").tobytes()
+    frames = [pcm[2 * i:2 * (i + frame)] for i in range(0, audio.size, frame)]
+    send_t = [0.0] * len(frames)
+    ends = [min(i + frame, audio.size) / RATE for i in range(0, audio.size, frame)]
     lat: list[float] = []
+    lat_at: list[float] = []  # the audio time (s into the stream) of each latency sample
     lat_final: list[float] = []  # of the finals alone (at the end of a stream: its last chunk and the flush)
     finals: list[dict] = []
     errors: list[str] = []
@@ -582,9 +592,10 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
                     e = json.loads(msg)
                     t = e.get("type")
                     if t in ("partial", "final") and e.get("audio_end") is not None:
-                        idx = int(np.searchsorted(ends, e["audio_end"] - 1e-6))
+                        idx = bisect.bisect_left(ends, e["audio_end"] - 1e-6)
                         if idx < len(frames) and send_t[idx] > 0:
                             lat.append(now - send_t[idx])
+                            lat_at.append(e["audio_end"])
                             if t == "final":
                                 lat_final.append(now - send_t[idx])
                     if t == "final":
@@ -600,7 +611,7 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
                 if delay > 0:
                     await asyncio.sleep(delay)
                 send_t[i] = time.monotonic()
-                await ws.send(np.round(f * 32768).clip(-32768, 32767).astype("<i2").tobytes())
+                await ws.send(f)
             await ws.send(json.dumps({"type": "end"}))
             try:
                 await asyncio.wait_for(rtask, timeout)
@@ -613,7 +624,8 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
         piece = (f.get("text") or "").strip()
         if piece:
             text = text + piece if (f.get("continues_word") and text) else (text + " " + piece).strip()
-    out.update(lat=lat, lat_final=lat_final, text=text, errors=errors, end=end_ev, sent=audio.size / RATE)
+    out.update(lat=lat, lat_at=lat_at, lat_final=lat_final, text=text, errors=errors, end=end_ev,
+               sent=audio.size / RATE)
 
 
 def _client_group(url, audios, frame: int, starts, token, timeout: float, limit: float) -> list[dict]:
@@ -623,7 +635,12 @@ def _client_group(url, audios, frame: int, starts, token, timeout: float, limit:
     async def main():
         await asyncio.gather(*[_client(url, a, frame, t, token, timeout, r) for a, t, r in zip(audios, starts, results)])
 
-    asyncio.run(asyncio.wait_for(main(), limit))
+    try:  # uvloop where installed (the serve extra): the generator shares the machine with the server it measures
+        import uvloop
+    except ImportError:
+        asyncio.run(asyncio.wait_for(main(), limit))
+    else:
+        uvloop.run(asyncio.wait_for(main(), limit))
     return results
 
 
@@ -631,12 +648,13 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
     audios = stream_audios(args, k)
     frame = int(args.frame_ms / 1000 * RATE)
     rng = np.random.default_rng(args.seed)
-    offsets = rng.uniform(0, chunk_s, k)
+    start_spread = getattr(args, "start_spread", 0.0) or 0.0
+    offsets = rng.uniform(0, max(chunk_s, start_spread), k)
     gpu = GPUSampler(args.device)
     per = max(1, int(getattr(args, "clients_per_process", 32) or 32))
     groups = [list(range(i, min(i + per, k))) for i in range(0, k, per)]
     client_timeout = args.drain_timeout + chunk_s
-    limit = args.duration + args.end_spread + chunk_s + args.drain_timeout + 60
+    limit = args.duration + start_spread + args.end_spread + chunk_s + args.drain_timeout + 60
     gc_before = _server_gc(url)
     with gpu:
         t_start = time.monotonic()
@@ -666,10 +684,24 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
     return {"audios": audios, "texts": [r.get("text", "") for r in results], "errors": errors,
             "latency": percentiles_ms(lat), "step_latency": None,
             "final_latency": percentiles_ms([x for r in results for x in r.get("lat_final", [])]),
+            "latency_by_stream_second": _latency_by_second(results),
             "lost_audio_seconds": round(lost, 3),
             "gpu_utilization": gpu.summary(), "wall_seconds": round(wall, 2),
             "sent_seconds": round(sum(a.size for a in audios) / RATE, 3),
             "server_latency": _server_side_latency(results), "server_gc": _gc_during(gc_before, _server_gc(url))}
+
+
+def _latency_by_second(results: list[dict]) -> list[dict]:
+    """Event latency per whole second of stream audio (0 = each stream's first second, ...): where in the streams'
+    lives the slow events are (their start, when all K connect and open at once; their steady state; their end)."""
+    at = np.asarray([x for r in results for x in r.get("lat_at", [])], dtype=np.float64)
+    lat = np.asarray([x for r in results for x in r.get("lat", [])], dtype=np.float64) * 1000
+    if not at.size or at.size != lat.size:
+        return []
+    sec = np.floor(np.maximum(at - 1e-6, 0)).astype(int)
+    return [{"second": int(t), "n": int((sec == t).sum()),
+             **{f"p{q}": round(float(np.percentile(lat[sec == t], q)), 1) for q in (50, 99)}}
+            for t in np.unique(sec)]
 
 
 def _server_gc(url: str) -> dict | None:
@@ -935,7 +967,7 @@ def run_load(args) -> int:
                    "gpu_utilization": r["gpu_utilization"], "errors": r["errors"][:20],
                    "n_errors": len(r["errors"]), "seconds": round(time.monotonic() - t0, 2)}
             for key in ("scheduler", "refused_pushes", "drain_seconds", "wall_seconds", "server_latency",
-                        "final_latency", "server_gc"):
+                        "final_latency", "latency_by_stream_second", "server_gc"):
                 if key in r:
                     run[key] = r[key]
             runs.append(run)
@@ -978,7 +1010,8 @@ def _write_summary(args, runs, mode, params, budget_s, model, server_log, quiet:
         "model": args.model or "default", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None,
         "features_normalize": (None if model is None else model.cfg.preprocessor.normalize),
-        "dtype": args.dtype, "duration_s": args.duration, "end_spread_s": args.end_spread, "frame_ms": args.frame_ms,
+        "dtype": args.dtype, "duration_s": args.duration, "end_spread_s": args.end_spread,
+        "start_spread_s": args.start_spread, "frame_ms": args.frame_ms,
         "send_tick_ms": getattr(args, "send_tick_ms", None), "max_batch": args.max_batch,
         "batch_wait_ms": getattr(args, "batch_wait_ms", 0.0), "server_workers": getattr(args, "server_workers", 1),
         "server_engines": getattr(args, "server_engines", 0),

@@ -151,6 +151,14 @@ class TorchCudaEngine:
             self._window_fn, self._stream_fn = _ac(wfn), _ac(sfn)
         if compile_mode:
             kw = {} if compile_mode == "default" else {"mode": compile_mode}
+            # no on-device benchmarking that changes numerics: Inductor otherwise times candidate kernel configs
+            # (e.g. a reduction's block size) when it compiles, and processes compiling side by side on a busy GPU
+            # (a server's engine processes, a benchmark's reference) could pick different ones, so that the same
+            # stream would give different fp16 tokens in different processes
+            import torch._inductor.config as inductor_config
+
+            if hasattr(inductor_config, "deterministic"):
+                inductor_config.deterministic = True
             self._window_fn = torch.compile(self._window_fn, dynamic=bool(compile_dynamic), **kw)
             self._stream_fn = torch.compile(self._stream_fn, dynamic=False, **kw)
         # outermost (around autocast and compile): cuDNN's fp32 convs without TF32, in eager runs and at capture

@@ -14,6 +14,7 @@ upload sizes are capped; clients never name server-side paths (uploads are read 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import re
@@ -59,6 +60,30 @@ class Limits:
         self.max_stream_seconds = max_stream_seconds
 
 
+class LoopRelay:
+    """Hands items from other threads (the caption dispatcher's events) to asyncio queues of one event loop, with
+    one loop wake-up per batch: ``call_soon_threadsafe`` per event writes the loop's self-pipe and wakes it once per
+    event, a cost that grows with every stream a front-end serves."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: collections.deque = collections.deque()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        self._items.append((queue, item))
+        if not self._scheduled:  # a drain already scheduled but not yet run will take this item too
+            self._scheduled = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False  # first: an item appended from here on schedules another drain
+        items = self._items
+        while items:
+            queue, item = items.popleft()
+            queue.put_nowait(item)
+
+
 class Admission:
     """The concurrent-stream limit. One process counts in a plain int; ``serve --workers N`` gives every worker the
     same counter in shared memory (``multiprocessing.Value``), so the limit holds for the whole server."""
@@ -98,6 +123,7 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
     # sessions: this process's open streams (the admission count may be all workers')
     state = {"sessions": 0, "started": time.time(), "streams_total": 0, "draining": False}
     stops: set[asyncio.Future] = set()  # one per open stream: resolved by a drain (futures of the serving loop)
+    relays: dict = {}  # the serving loop's LoopRelay (made on the first stream, in that loop)
 
     def authorized(headers, query=None) -> bool:
         if not token:
@@ -224,10 +250,12 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
         rate, encoding, channels, options = cfg.sample_rate, cfg.encoding, cfg.channels, cfg.options
 
         loop = asyncio.get_running_loop()
+        if relays.get("loop") is not loop:
+            relays.update(loop=loop, relay=LoopRelay(loop))
+        relay = relays["relay"]
         out: asyncio.Queue = asyncio.Queue()
         try:
-            pipe = service.pipeline(lambda e: loop.call_soon_threadsafe(out.put_nowait, e), rate, channels, encoding,
-                                    options)
+            pipe = service.pipeline(lambda e: relay.put(out, e), rate, channels, encoding, options)
         except (ConnectionError, RuntimeError) as e:  # the scheduler's admission, or no engine process (--engines)
             code = getattr(e, "code", None) or "engine_unavailable"
             return await fail(code, getattr(e, "message", None) or str(e), protocol.ERRORS.get(code, 1011))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import multiprocessing
 import os
@@ -136,6 +137,8 @@ def _engine(build: Callable, build_args: tuple, path: str, authkey: bytes, ready
     while not stopping.wait(0.5):
         pass
     host.stop(drain_timeout)
+    # where this engine's scheduler spent its time (steps, batch sizes, phases): the server log's record of the run
+    logger.warning("engine %d scheduler: %s", os.getpid(), json.dumps(host.scheduler.stats.summary()))
 
 
 def serve_workers(build: Callable, build_args: tuple, workers: int, host: str = "127.0.0.1", port: int = 8000,

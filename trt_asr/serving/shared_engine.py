@@ -102,6 +102,13 @@ def _pack_events(events: list) -> list:
     return out
 
 
+def _wake(event: threading.Event) -> None:
+    """``event.set()`` unless it is set already (a sender is coalescing: the lock and notify are not needed; the
+    sender clears the event before it takes the queue, so nothing appended after that is missed)."""
+    if not event.is_set():
+        event.set()
+
+
 def _hang_up(conn) -> None:
     """Shut the connection's socket down, then close it: a thread blocked reading it (ours) wakes with EOF and the
     other process sees EOF at once (a bare close leaves a blocked reader, and with it the socket, alive)."""
@@ -257,11 +264,11 @@ class _EngineSideLink:
 
     def _mark(self, fid: int) -> None:  # scheduler thread, under its lock: keep it short
         self._marks.append(fid)
-        self.host._wake.set()
+        _wake(self.host._wake)
 
     def _post(self, msg) -> None:
         self._outbox.append(msg)
-        self.host._wake.set()
+        _wake(self.host._wake)
 
     def apply(self, op) -> None:
         kind, fid = op[0], op[1]
@@ -534,7 +541,7 @@ class _FrontEndLink:
 
     def send(self, op) -> None:
         self._outbox.append(op)
-        self._wake.set()
+        _wake(self._wake)
 
     def forget(self, st: RemoteStream) -> None:
         if self.streams.pop(st.id, None) is not None:
