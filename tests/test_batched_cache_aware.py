@@ -308,6 +308,32 @@ def test_slot_reuse_does_not_leak_state(tiny):
     assert _tuples(s3.tokens) == want
 
 
+def test_reserve_sizes_the_pool_up_front_and_keeps_open_streams(tiny):
+    """``reserve(n)`` (a server's warm-up: slots for its share of the streams): the pool then holds n streams without
+    growing, and a stream that was already mid-way when it was reserved decodes as alone (its state was copied)."""
+    rng = np.random.default_rng(8)
+    audios = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (24000, 17000, 9000, 20000, 12345)]
+    want = [_tuples(t) for t in stream_tokens(tiny, audios, "cache_aware")]
+    mode = BatchedCacheAwareMode(tiny, capacity=1)
+    rec = Recognizer(tiny, mode)
+    first = rec.open()
+    first.feed(audios[0][:12000])  # mid-stream state in slot 0
+    mode.reserve(5)
+    assert mode.pool.capacity == 5
+    rest = [rec.open() for _ in audios[1:]]
+    assert mode.pool.capacity == 5 and mode.pool.in_use == 5  # no growth while they open
+    first.feed(audios[0][12000:])
+    for s, a in zip(rest, audios[1:]):
+        s.feed(a, step=False)
+    rec.run()
+    for s in [first, *rest]:
+        s.finish(step=False)
+    rec.run()
+    assert [_tuples(s.tokens) for s in [first, *rest]] == want
+    mode.reserve(3)  # never shrinks
+    assert mode.pool.capacity == 5
+
+
 def test_refuses_normalised_features():
     m = load_model("random:tiny-cache-aware")
     m.cfg.preprocessor.normalize = "per_feature"

@@ -143,8 +143,8 @@ class CaptionService:
         """Run a throw-away stream of low noise through the recognizer so the first real steps do not pay for lazy
         initialisation (CUDA context, kernels, allocator). ``streams``: a batching mode with ``warmup`` (the
         batched cache-aware mode) also runs every batch bucket up to that many concurrent streams once, so its
-        CUDA graphs are captured now and not while the first clients wait (``serve`` passes --max-sessions on
-        CUDA). Returns the seconds it took."""
+        CUDA graphs are captured now and not while the first clients wait, and reserves device state for that many
+        streams (``serve`` passes its share of --max-sessions on CUDA). Returns the seconds it took."""
         import time
 
         import numpy as np
@@ -158,6 +158,8 @@ class CaptionService:
             sched = pool.scheduler
             with sched._engine_lock:  # no stream is open yet; the lock keeps the worker off the mode meanwhile
                 mode.warmup(min(streams, sched.config.max_batch))
+                if hasattr(mode, "reserve"):  # and slots for them all: no pool growth while streams open
+                    mode.reserve(streams)
         rng = np.random.default_rng(0)
         audio = (rng.standard_normal(int(seconds * self.sample_rate)) * 0.01).astype(np.float32)
         rec = self.recognizer()

@@ -550,6 +550,9 @@ def _bench_service(spec: dict):
         mode = pool.recognizer.mode
         if hasattr(mode, "warmup") and model.device.type == "cuda":  # CUDA graphs of every bucket before traffic
             mode.warmup(min(spec["max_batch"], spec["max_sessions"]))
+            if hasattr(mode, "reserve"):  # this process's share of the streams, as `serve` does
+                share = int(spec.get("engines", 0)) or int(spec.get("workers", 1))
+                mode.reserve(-(-spec["max_sessions"] // max(1, share)))
     svc = CaptionService(model, spec["mode"].replace("_", "-"),
                          {k: v for k, v in spec["params"].items() if k != "buckets"}, commit="engine", endpoint_ms=None,
                          batching="lock" if spec["batching"] == "lock" else "scheduler",

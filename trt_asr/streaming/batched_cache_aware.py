@@ -167,6 +167,12 @@ class BatchedCacheAwareMode:
         s._free_slot = weakref.finalize(s, self.pool.release, s.slot)  # runs once: release(), finish or garbage
         return s
 
+    def reserve(self, streams: int) -> None:
+        """Device state for ``streams`` concurrent streams now. The pool grows by doubling when full, and each
+        doubling copies every open stream's state in the scheduler's thread while those streams wait: a server that
+        expects many streams pays for that at start-up instead (the in-process load tool sizes its pool likewise)."""
+        self.pool.grow(int(streams))
+
     def release(self, s: BatchedStreamState) -> None:
         """The stream is gone (finished, closed, failed): its slot goes back to the pool."""
         fin = getattr(s, "_free_slot", None)
