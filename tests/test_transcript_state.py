@@ -105,6 +105,8 @@ def test_committed_text_never_changes(stream, policy):
         # commits that are not forced (end / endpoint) stop at word boundaries
         if upd.newly_committed and state.tail and not endpoint and not timed_closed:
             assert state.tail[0].word_start
+        # the partial events' stable words (kept between updates) are the open segment's words decoded afresh
+        assert state.stable_word_dicts() == [{**w.as_dict(), "stable": True} for w in state.words(state.open_segment)]
     last = Hypothesis(toks(truth, 0, starts), len(truth), len(truth) * 0.08 + 1, is_last=True)
     upd = state.update(last)
     assert state.committed[:len(seen_committed)] == seen_committed

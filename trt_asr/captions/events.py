@@ -22,8 +22,7 @@ def ready_event(**info: Any) -> dict:
 
 def partial_event(state: TranscriptState, update: Update, latency_ms: float | None) -> dict:
     rev = update.revision
-    words = [{**w.as_dict(), "stable": True} for w in state.words(state.open_segment)]
-    words += [{**w.as_dict(), "stable": False} for w in state.words(state.tail)]
+    words = state.stable_word_dicts() + [{**w.as_dict(), "stable": False} for w in state.words(state.tail)]
     stable, unstable = state.stable_text, state.unstable_text
     return {
         "type": "partial", "v": SCHEMA_VERSION, "segment": len(state.segments),

@@ -142,6 +142,7 @@ class TranscriptState:
         self.ended = False
         self._endpoints: list[float] = []  # utterance ends (audio time) waiting for the engine to finalise them
         self._decoded: dict[tuple[int, ...], str] = {}  # token ids -> decoded text (bounded)
+        self._stable_words: list | None = None  # stable_word_dicts' words of the open segment so far
 
     def add_endpoint(self, time: float) -> None:
         """An utterance ended at ``time`` (e.g. the VAD saw silence): the open segment closes there as soon as
@@ -174,9 +175,42 @@ class TranscriptState:
                 groups[-1].append(t)
         out = []
         for g in groups:
-            text = self.decode(g)
-            if text:
-                out.append(Word(text, g[0].start, max(g[-1].end, g[0].start), stable))
+            w = self._word(g, stable)
+            if w is not None:
+                out.append(w)
+        return out
+
+    def _word(self, group: Sequence[Token], stable: bool = True) -> Word | None:
+        text = self.decode(group)
+        return Word(text, group[0].start, max(group[-1].end, group[0].start), stable) if text else None
+
+    def stable_word_dicts(self) -> list[dict]:
+        """The open segment's words as a partial event lists them (``as_dict`` with ``stable: True``): the same as
+        ``words(open_segment)``. Every partial lists the whole open segment, so the words before its last are kept
+        between calls: within a segment committed tokens only grow, and a word followed by a word start is done."""
+        start, toks = self.segment_start_index, self.committed
+        cache = self._stable_words
+        if cache is None or cache[0] != start:  # [segment start, first token after the cached words, their dicts]
+            cache = self._stable_words = [start, start, []]
+        n = len(toks)
+        if n <= start:
+            return []
+        last = n - 1  # the last word's first token (a word start, or the segment's first token)
+        while last > start and not toks[last].word_start:
+            last -= 1
+        i = cache[1]
+        while i < last:  # words that are now followed by another word start: decode them once
+            j = i + 1
+            while j < last and not toks[j].word_start:
+                j += 1
+            w = self._word(toks[i:j])
+            if w is not None:
+                cache[2].append({**w.as_dict(), "stable": True})
+            i = cache[1] = j
+        out = list(cache[2])
+        w = self._word(toks[last:])
+        if w is not None:
+            out.append({**w.as_dict(), "stable": True})
         return out
 
     @property
