@@ -64,6 +64,15 @@ RUN a_e3_w8_f100 560 --fixed-batch 256 --max-batch 256 --batch-wait-ms 40 --serv
 ;;
 esac
 case "$1" in
+G)  # not run yet (next session): the configuration of run 119 with the slots reserved at warm-up (since 9b8e768), an
+    # engine profiled from the load's start (PROF starts 3 s after the generators, i.e. in the streams' first seconds)
+RUN g_e3_w8_f160_bw64_reserve 570 --fixed-batch 256 --max-batch 256 --batch-wait-ms 64 --server-workers 8 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
+python3 -c "
+import json,sys; d=json.load(open(sys.argv[1])); print(d['runs'][0].get('latency_by_stream_second'))" $OUT/r/g_e3_w8_f160_bw64_reserve.json
+head -60 $OUT/r/g_e3_w8_f160_bw64_reserve_eng_prof.txt
+;;
+esac
+case "$1" in
 F)
 RUNQ f_e3_w8_f160_bw64_first32_det 570 --fixed-batch 256 --first-chunk-batch 32 --max-batch 256 --batch-wait-ms 64 --server-workers 8 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
 python3 -c "
