@@ -191,6 +191,26 @@ def test_fairness_oldest_ready_first():
     assert all(n <= 3 for n in mode.calls)
 
 
+def test_stats_timeline_accounts_for_every_step_and_event():
+    sched, mode = fake_scheduler(max_streams=16, max_batch=3, max_buffer_seconds=100)
+    streams = [sched.open() for _ in range(10)]
+    for st in streams:
+        st.push(np.ones(1600 * 4, np.float32))  # 4 chunks each: 40 stream-steps, 3 per step
+    queued_at_start = streams[0].queued_samples / 16000
+    steps = 0
+    while sched.step():
+        steps += 1
+    summary = sched.stats.summary()
+    rows = summary["timeline"]
+    assert rows and sum(r["steps"] for r in rows) == steps == summary["steps"]
+    assert sum(r["stepped"] for r in rows) == sum(mode.calls) == 40
+    assert sum(r["events"] for r in rows) == 40  # one event per stream-step
+    assert all(r["ready"] >= r["batch"] for r in rows)  # the first step saw all 10 ready, 3 were taken
+    assert rows[0]["ready"] > rows[0]["batch"]
+    assert max(r["queued_ms"] for r in rows) <= 1000 * queued_at_start
+    assert all(r["latency_max_ms"] >= (r["latency_ms"] or 0) for r in rows)
+
+
 def test_flooding_client_does_not_starve_real_time_ones():
     sched, _ = fake_scheduler(max_streams=8, max_batch=2, max_buffer_seconds=100)
     flood = sched.open()

@@ -139,6 +139,43 @@ class SchedulerStats:
         # where the worker's time goes (seconds, summed): intake before a step, launching its device work, delivering
         # the previous step's events and the intake ahead (both while the device works), waiting for it + committing
         self.phase_seconds = {"intake": 0.0, "launch": 0.0, "deliver": 0.0, "intake_ahead": 0.0, "wait_commit": 0.0}
+        # the same over wall time, per TIMELINE_S interval (from the first step on): when a queue builds, and whether
+        # the steps were full meanwhile. interval -> [steps, streams stepped, streams ready when a step was chosen
+        # (summed), step seconds, events, event latency summed, event latency max, queued audio per open stream (s,
+        # the most seen at a step)]
+        self.timeline: dict[int, list] = {}
+        self._t0: float | None = None
+
+    TIMELINE_S = 0.5
+    TIMELINE_MAX = 2400  # intervals kept (20 min at 0.5 s): a long-running server keeps its first ones
+
+    def _bin(self, now: float) -> list | None:
+        if self._t0 is None:
+            self._t0 = now
+        i = int((now - self._t0) / self.TIMELINE_S)
+        b = self.timeline.get(i)
+        if b is None and len(self.timeline) < self.TIMELINE_MAX:
+            b = self.timeline[i] = [0, 0, 0, 0.0, 0, 0.0, 0.0, 0.0]
+        return b
+
+    def note_step(self, now: float, ready: int, stepped: int, seconds: float, queued_s: float) -> None:
+        b = self._bin(now)
+        if b is not None:
+            b[0] += 1
+            b[1] += stepped
+            b[2] += ready
+            b[3] += seconds
+            b[7] = max(b[7], queued_s)
+
+    def note_latency(self, now: float, latency: float) -> None:
+        self.event_latency.append(latency)
+        if self._t0 is None:
+            return
+        b = self._bin(now)
+        if b is not None:
+            b[4] += 1
+            b[5] += latency
+            b[6] = max(b[6], latency)
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -156,7 +193,22 @@ class SchedulerStats:
             "opened": self.opened, "max_open": self.max_open,
             "phase_ms_per_step": {k: round(1000 * v / max(self.steps, 1), 3) for k, v in self.phase_seconds.items()},
             "phase_fraction": {k: round(v / elapsed, 4) for k, v in self.phase_seconds.items()},
+            "timeline": self.timeline_summary(),
         }
+
+    def timeline_summary(self) -> list[dict]:
+        """One row per interval with steps: its start (s after the first step), steps, streams stepped and their mean
+        per step, mean streams ready when each step was chosen, mean step ms, events and their mean / max latency
+        (ms), and the most audio queued per open stream (ms, mean over the open streams) seen at a step."""
+        out = []
+        for i in sorted(self.timeline):
+            st, n, ready, sec, ev, lat, lat_max, queued = self.timeline[i]
+            out.append({"t": round(i * self.TIMELINE_S, 3), "steps": st, "stepped": n,
+                        "batch": round(n / st, 1) if st else 0,
+                        "ready": round(ready / st, 1) if st else 0, "step_ms": round(1000 * sec / st, 2) if st else 0,
+                        "events": ev, "latency_ms": round(1000 * lat / ev, 1) if ev else None,
+                        "latency_max_ms": round(1000 * lat_max, 1), "queued_ms": round(1000 * queued, 1)})
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- slot pool
@@ -629,6 +681,7 @@ class StreamScheduler:
         self._overlap = callable(getattr(self.mode, "step_begin", None)) and callable(getattr(self.mode, "step_end",
                                                                                               None))
         self._pending: list[tuple] = []  # steps run whose events are not yet delivered (worker thread only)
+        self._ready_seen = 0  # streams ready when the step being run was chosen (statistics)
 
     # -------------------------------------------------------------- client API
     def open(self) -> ScheduledStream:
@@ -758,6 +811,7 @@ class StreamScheduler:
                 batch = sorted(ready.values(), key=_service_key)
             else:
                 batch = heapq.nsmallest(self.config.max_batch, ready.values(), key=_service_key)
+            self._ready_seen = len(ready)
             for st in batch:
                 del ready[st.id]
             self._run_batch(batch)
@@ -906,6 +960,10 @@ class StreamScheduler:
         s.step_seconds.append(dt)
         s.batch_sizes.append(len(batch))
         s.busy_seconds += dt
+        streams = list(self._streams.values())
+        queued = sum(st._inbox_samples for st in streams) / (max(len(streams), 1) * self.config.sample_rate)
+        s.note_step(time.monotonic(), self._ready_seen or len(batch), len(batch), dt, queued)
+        self._ready_seen = 0
         # what must be settled before the next intake: the next chunk's ready time, the samples this step took in
         with self._lock:
             for st, _ in pairs:
@@ -933,7 +991,7 @@ class StreamScheduler:
                         st._undelivered -= 1
                     failed.append((st, e))
                     continue
-                s.event_latency.append(now - (st._stepped_ready_at or now))
+                s.note_latency(now, now - (st._stepped_ready_at or now))
                 if result.finished and st._pending_error is not None:
                     events.append(st._pending_error)
                 with self._lock:
