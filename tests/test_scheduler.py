@@ -209,6 +209,7 @@ def test_stats_timeline_accounts_for_every_step_and_event():
     assert rows[0]["ready"] > rows[0]["batch"]
     assert max(r["queued_ms"] for r in rows) <= 1000 * queued_at_start
     assert all(r["latency_max_ms"] >= (r["latency_ms"] or 0) for r in rows)
+    assert sum(r["arrived_s"] for r in rows) == pytest.approx(10 * 1600 * 4 / 16000)  # all pushed before step 1
 
 
 def test_flooding_client_does_not_starve_real_time_ones():

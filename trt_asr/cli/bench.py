@@ -577,12 +577,14 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
     finals: list[dict] = []
     errors: list[str] = []
     end_ev = None
+    ready_at = None  # when the server's "ready" came (monotonic): a client that is not ready by start_at starts late
     try:
         async with connect(url, max_size=2**24, open_timeout=30, additional_headers=headers,
                            ping_interval=None) as ws:
             await ws.send(json.dumps({"sample_rate": RATE, "encoding": "pcm_s16le", "channels": 1,
                                       "options": {"vad": False}}))
             first = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            ready_at = time.monotonic()
             if first.get("type") != "ready":
                 errors.append(f"{first.get('code')}: {first.get('message')}")
                 out.update(lat=lat, finals=finals, errors=errors, end=None, sent=0.0)
@@ -628,7 +630,8 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
         if piece:
             text = text + piece if (f.get("continues_word") and text) else (text + " " + piece).strip()
     out.update(lat=lat, lat_at=lat_at, lat_final=lat_final, text=text, errors=errors, end=end_ev,
-               sent=audio.size / RATE)
+               sent=audio.size / RATE, ready_late=None if ready_at is None else ready_at - start_at,
+               send_late=max((t - (start_at + i * frame / RATE) for i, t in enumerate(send_t) if t > 0), default=None))
 
 
 def _client_group(url, audios, frame: int, starts, token, timeout: float, limit: float) -> list[dict]:
@@ -688,10 +691,22 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
             "latency": percentiles_ms(lat), "step_latency": None,
             "final_latency": percentiles_ms([x for r in results for x in r.get("lat_final", [])]),
             "latency_by_stream_second": _latency_by_second(results),
+            "client_start": _client_start(results),
             "lost_audio_seconds": round(lost, 3),
             "gpu_utilization": gpu.summary(), "wall_seconds": round(wall, 2),
             "sent_seconds": round(sum(a.size for a in audios) / RATE, 3),
             "server_latency": _server_side_latency(results), "server_gc": _gc_during(gc_before, _server_gc(url))}
+
+
+def _client_start(results: list[dict]) -> dict:
+    """How the clients' starts went: ``ready_ms``, each one's "ready" from the server relative to its first frame's
+    planned time (negative: ready in time); ``late_ready``, how many were ready only after it; ``send_late_ms``, each
+    one's largest lag of a frame behind its real-time schedule (the generator's own lag, or a late start)."""
+    ready = [1000 * r["ready_late"] for r in results if r.get("ready_late") is not None]
+    late = [1000 * r["send_late"] for r in results if r.get("send_late") is not None]
+    pct = (lambda xs: {k: round(float(np.percentile(xs, q)), 1) for k, q in (("p50", 50), ("p99", 99), ("max", 100))}
+           if xs else None)
+    return {"ready_ms": pct(ready), "late_ready": int(sum(x > 0 for x in ready)), "send_late_ms": pct(late)}
 
 
 def _latency_by_second(results: list[dict]) -> list[dict]:
@@ -970,7 +985,7 @@ def run_load(args) -> int:
                    "gpu_utilization": r["gpu_utilization"], "errors": r["errors"][:20],
                    "n_errors": len(r["errors"]), "seconds": round(time.monotonic() - t0, 2)}
             for key in ("scheduler", "refused_pushes", "drain_seconds", "wall_seconds", "server_latency",
-                        "final_latency", "latency_by_stream_second", "server_gc"):
+                        "final_latency", "latency_by_stream_second", "client_start", "server_gc"):
                 if key in r:
                     run[key] = r[key]
             runs.append(run)

@@ -142,7 +142,7 @@ class SchedulerStats:
         # the same over wall time, per TIMELINE_S interval (from the first step on): when a queue builds, and whether
         # the steps were full meanwhile. interval -> [steps, streams stepped, streams ready when a step was chosen
         # (summed), step seconds, events, event latency summed, event latency max, queued audio per open stream (s,
-        # the most seen at a step)]
+        # the most seen at a step), audio received by all streams so far (s, at the interval's last step)]
         self.timeline: dict[int, list] = {}
         self._t0: float | None = None
 
@@ -155,12 +155,14 @@ class SchedulerStats:
         i = int((now - self._t0) / self.TIMELINE_S)
         b = self.timeline.get(i)
         if b is None and len(self.timeline) < self.TIMELINE_MAX:
-            b = self.timeline[i] = [0, 0, 0, 0.0, 0, 0.0, 0.0, 0.0]
+            b = self.timeline[i] = [0, 0, 0, 0.0, 0, 0.0, 0.0, 0.0, 0.0]
         return b
 
-    def note_step(self, now: float, ready: int, stepped: int, seconds: float, queued_s: float) -> None:
+    def note_step(self, now: float, ready: int, stepped: int, seconds: float, queued_s: float,
+                  received_s: float = 0.0) -> None:
         b = self._bin(now)
         if b is not None:
+            b[8] = received_s
             b[0] += 1
             b[1] += stepped
             b[2] += ready
@@ -199,15 +201,19 @@ class SchedulerStats:
     def timeline_summary(self) -> list[dict]:
         """One row per interval with steps: its start (s after the first step), steps, streams stepped and their mean
         per step, mean streams ready when each step was chosen, mean step ms, events and their mean / max latency
-        (ms), and the most audio queued per open stream (ms, mean over the open streams) seen at a step."""
-        out = []
+        (ms), the most audio queued per open stream (ms, mean over the open streams) seen at a step, and the audio
+        that arrived since the previous row (s, all streams: the offered load)."""
+        out, received_before = [], 0.0
         for i in sorted(self.timeline):
-            st, n, ready, sec, ev, lat, lat_max, queued = self.timeline[i]
+            st, n, ready, sec, ev, lat, lat_max, queued, received = self.timeline[i]
             out.append({"t": round(i * self.TIMELINE_S, 3), "steps": st, "stepped": n,
                         "batch": round(n / st, 1) if st else 0,
                         "ready": round(ready / st, 1) if st else 0, "step_ms": round(1000 * sec / st, 2) if st else 0,
                         "events": ev, "latency_ms": round(1000 * lat / ev, 1) if ev else None,
-                        "latency_max_ms": round(1000 * lat_max, 1), "queued_ms": round(1000 * queued, 1)})
+                        "latency_max_ms": round(1000 * lat_max, 1), "queued_ms": round(1000 * queued, 1),
+                        "arrived_s": round(received - received_before, 3) if st else None})
+            if st:
+                received_before = received
         return out
 
 
@@ -538,6 +544,7 @@ class ScheduledStream:
             return
         self.last_audio_at = time.monotonic()
         self.samples_in += x.size
+        self.scheduler._samples_in += x.size
         self._unseen = True
         self._inbox_samples += x.size
         if self._worth_a_visit():
@@ -682,6 +689,7 @@ class StreamScheduler:
                                                                                               None))
         self._pending: list[tuple] = []  # steps run whose events are not yet delivered (worker thread only)
         self._ready_seen = 0  # streams ready when the step being run was chosen (statistics)
+        self._samples_in = 0  # audio pushed into all streams so far (statistics: the arrival rate)
 
     # -------------------------------------------------------------- client API
     def open(self) -> ScheduledStream:
@@ -962,7 +970,8 @@ class StreamScheduler:
         s.busy_seconds += dt
         streams = list(self._streams.values())
         queued = sum(st._inbox_samples for st in streams) / (max(len(streams), 1) * self.config.sample_rate)
-        s.note_step(time.monotonic(), self._ready_seen or len(batch), len(batch), dt, queued)
+        s.note_step(time.monotonic(), self._ready_seen or len(batch), len(batch), dt, queued,
+                    self._samples_in / self.config.sample_rate)
         self._ready_seen = 0
         # what must be settled before the next intake: the next chunk's ready time, the samples this step took in
         with self._lock:

@@ -34,12 +34,12 @@ for line in open(sys.argv[1]):
     print(pid.split()[-1], json.dumps({k: d[k] for k in ("steps", "mean_batch", "step_ms", "event_latency_ms", "phase_ms_per_step")}))
     eng.append({r["t"]: r for r in tl})
 ts = sorted({t for e in eng for t in e})
-print("t  | per engine: steps batch/ready step_ms lat_mean/lat_max queued_ms")
+print("t  | per engine: steps batch/ready step_ms lat_mean/lat_max queued_ms arrived_s")
 for t in ts:
     cells = []
     for e in eng:
         r = e.get(t)
-        cells.append("-" if r is None else f'{r["steps"]:2d} {r["batch"]:5.1f}/{r["ready"]:5.1f} {r["step_ms"]:5.1f} {r["latency_ms"] or 0:6.0f}/{r["latency_max_ms"]:6.0f} {r["queued_ms"]:6.0f}')
+        cells.append("-" if r is None else f'{r["steps"]:2d} {r["batch"]:5.1f}/{r["ready"]:5.1f} {r["step_ms"]:5.1f} {r["latency_ms"] or 0:6.0f}/{r["latency_max_ms"]:6.0f} {r["queued_ms"]:6.0f} {r.get("arrived_s") or 0:6.1f}')
     print(f"{t:5.1f} | " + " | ".join(cells))
 PY
 }
@@ -84,5 +84,24 @@ head -70 $OUT/r/g_e3_w8_f160_bw64_reserve_eng_prof.txt
 RUNQ g2_e3_w8_f160_bw64_reserve $((590 - SECONDS)) --fixed-batch 256 --max-batch 256 --batch-wait-ms 64 --server-workers 8 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
 for f in $OUT/r/g*.json; do python3 -c "
 import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], d['runs'][0].get('latency_by_stream_second'))" $f; done
+;;
+esac
+case "$1" in
+H)  # run G's configuration without profiles, with the clients' start (ready vs planned start, send lag) and each
+    # engine's arrival rate in its timeline; then the same streams in-process (3 processes, as runs 104/107) for the
+    # in-process timelines side by side
+RUNQ h_e3_w8_f160_bw64 430 --fixed-batch 256 --max-batch 256 --batch-wait-ms 64 --server-workers 8 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
+python3 -c "
+import json,sys; r=json.load(open(sys.argv[1]))['runs'][0]; print(r.get('client_start')); print(r.get('latency_by_stream_second'))" $OUT/r/h_e3_w8_f160_bw64.json
+timeout $((590 - SECONDS)) python3 -m trt_asr bench load --model random:parakeet-tdt-0.6b-v3 --device cuda --engine torch-cuda --state batched --drain-timeout 30 --mode cache-aware --max-streams 4096 --dtype fp16 --compile default --chunk-ms 160 --kv-cache ring --in-process --processes 3 --fixed-batch 256 --max-batch 256 --duration 6 --end-spread 2 --streams 2048 --summary-json $OUT/r/h_inproc_p3.json > $OUT/r/h_inproc_p3.log 2>&1
+S $OUT/r/h_inproc_p3.json
+python3 - $OUT/r/h_inproc_p3.json > $OUT/r/h_inproc_p3_sched.txt <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["runs"][0]
+print(r.get("latency_by_stream_second"))
+for i, p in enumerate(r.get("processes", [])):
+    print(f"proc{i} scheduler: " + json.dumps(p["scheduler"]))
+PY
+head -1 $OUT/r/h_inproc_p3_sched.txt; grep scheduler: $OUT/r/h_inproc_p3_sched.txt > /tmp/ip.txt; TL /tmp/ip.txt
 ;;
 esac
