@@ -244,7 +244,7 @@ def test_load_tool_against_its_own_server_with_workers(tmp_path, engines):
     common = ["bench", "load", "--duration", "1.5", "--model", "random:tiny", "--left-secs", "1", "--chunk-secs",
               "0.5", "--right-secs", "0.5", "--latency-budget-ms", "10000", "--drain-timeout", "30"]
     main(common + ["--streams", "4", "--server-workers", "2", "--server-engines", str(engines), "--end-spread", "1.0",
-                   "--start-spread", "1.0", "--summary-json", str(out)])
+                   "--start-spread", "1.0", "--clients-per-process", "2", "--summary-json", str(out)])
     d = json.loads(out.read_text())
     run = d["runs"][0]
     assert run["n_errors"] == 0 and run["lost_audio_seconds"] == 0, run
@@ -256,6 +256,10 @@ def test_load_tool_against_its_own_server_with_workers(tmp_path, engines):
     by_second = run["latency_by_stream_second"]
     assert d["start_spread_s"] == 1.0 and sum(b["n"] for b in by_second) == run["event_latency_ms"]["n"]
     assert [b["second"] for b in by_second][:2] == [0, 1] and all(b["p50"] <= b["p99"] for b in by_second)
+    # two generator processes of two clients: all four connected before the first audio, and the summary says so
+    start = run["client_start"]
+    assert start["connected_before_start"] and start["connect_all_s"] is not None, start
+    assert 0 < start["connect_ms"]["p50"] <= start["connect_ms"]["max"] <= 1000 * start["connect_all_s"], start
     for bad in (["--in-process"], ["--url", "ws://127.0.0.1:9/v1/stream"]):
         with pytest.raises(SystemExit) as e:
             sys.exit(main(common + ["--streams", "2", "--server-workers", "2", "--server-engines", str(engines), *bad]))

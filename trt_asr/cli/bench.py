@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -96,8 +97,9 @@ def register(sub) -> None:
                     "finals at once, the worst case for the finals' latency)")
     lp.add_argument("--start-spread", type=float, default=0.0, metavar="S",
                     help="the streams start at uniform random times over S seconds (default, or below one chunk: "
-                    "over one chunk, so all K connect and open at once, the worst case for the streams' first "
-                    "events); latency_by_stream_second in the summary shows each second of the streams apart")
+                    "over one chunk, the worst case for the streams' first events); through a server every client "
+                    "connects before the first audio starts (client_start in the summary: how long that took); "
+                    "latency_by_stream_second in the summary shows each second of the streams apart")
     lp.add_argument("--frame-ms", type=float, default=100.0, help="client frame size")
     lp.add_argument("--send-tick-ms", type=float, default=10.0,
                     help="in-process: each frame is sent at the first tick of this period after its audio exists "
@@ -561,7 +563,11 @@ def _bench_service(spec: dict):
     return svc
 
 
-async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, timeout: float, out: dict):
+async def _client(url, audio: np.ndarray, frame: int, offset: float, start, token, timeout: float, out: dict,
+                  connected: asyncio.Event | None = None):
+    """One client: connect and configure, report ``connected`` (set by its group when all of the group are), wait
+    for the run's start time (``await start``: a future of a ``time.monotonic()`` instant), then send its frames
+    from ``start + offset`` on in real time and read its events until the end event."""
     from websockets.asyncio.client import connect
 
     headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -577,18 +583,28 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
     finals: list[dict] = []
     errors: list[str] = []
     end_ev = None
-    ready_at = None  # when the server's "ready" came (monotonic): a client that is not ready by start_at starts late
+    connect_s = None  # connection + config until the server's "ready"
+    start_at = ready_at = ws = None
     try:
-        async with connect(url, max_size=2**24, open_timeout=30, additional_headers=headers,
-                           ping_interval=None) as ws:
+        t_connect = time.monotonic()
+        try:
+            ws = await connect(url, max_size=2**24, open_timeout=60, additional_headers=headers, ping_interval=None)
             await ws.send(json.dumps({"sample_rate": RATE, "encoding": "pcm_s16le", "channels": 1,
                                       "options": {"vad": False}}))
-            first = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            first = json.loads(await asyncio.wait_for(ws.recv(), 60))
             ready_at = time.monotonic()
-            if first.get("type") != "ready":
-                errors.append(f"{first.get('code')}: {first.get('message')}")
-                out.update(lat=lat, finals=finals, errors=errors, end=None, sent=0.0)
-                return
+            connect_s = ready_at - t_connect
+        finally:
+            if connected is not None:
+                connected.set()
+        start_at = await start + offset
+        if first.get("type") != "ready":
+            errors.append(f"{first.get('code')}: {first.get('message')}")
+            out.update(lat=lat, finals=finals, errors=errors, end=None, sent=0.0, connect_s=connect_s,
+                       ready_at=ready_at)
+            await ws.close()
+            return
+        async with ws:
 
             async def reader():
                 nonlocal end_ev
@@ -624,29 +640,68 @@ async def _client(url, audio: np.ndarray, frame: int, start_at: float, token, ti
                 errors.append("no end event within the drain timeout")
     except Exception as e:
         errors.append(f"{type(e).__name__}: {e}")
+        if ws is not None:
+            try:
+                await ws.close()
+            except Exception:
+                pass
     text = ""
     for f in finals:
         piece = (f.get("text") or "").strip()
         if piece:
             text = text + piece if (f.get("continues_word") and text) else (text + " " + piece).strip()
     out.update(lat=lat, lat_at=lat_at, lat_final=lat_final, text=text, errors=errors, end=end_ev,
-               sent=audio.size / RATE, ready_late=None if ready_at is None else ready_at - start_at,
-               send_late=max((t - (start_at + i * frame / RATE) for i, t in enumerate(send_t) if t > 0), default=None))
+               sent=audio.size / RATE, connect_s=connect_s, ready_at=ready_at, start_at=start_at,
+               send_late=None if start_at is None else max((t - (start_at + i * frame / RATE)
+                                                            for i, t in enumerate(send_t) if t > 0), default=None))
 
 
-def _client_group(url, audios, frame: int, starts, token, timeout: float, limit: float) -> list[dict]:
-    """One load-generator loop: these clients, each starting at its absolute ``time.monotonic()`` start."""
+# the clients connect first; the audio starts this long after the last of them is ready (the clock of a capacity
+# run measures streaming, not a burst of K handshakes: `client_start` in the summary reports those apart)
+START_DELAY_S = 0.5
+CONNECT_TIMEOUT_S = 120.0
+
+
+class _StartGate:
+    """The generator processes' rendezvous (manager proxies, so it pickles into a worker): each group reports when
+    its clients are connected (``report``), then blocks until the parent posts the common start time (``wait``)."""
+
+    def __init__(self, reports, start):
+        self.reports, self.start = reports, start
+
+    def __call__(self) -> float:
+        self.reports.put(os.getpid())
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S + 30
+        while time.monotonic() < deadline:
+            t = self.start.value
+            if t > 0:
+                return t
+            time.sleep(0.01)
+        return time.monotonic()  # the parent is gone or stuck: start anyway (the run's own limit still holds)
+
+
+def _client_group(url, audios, frame: int, offsets, token, timeout: float, limit: float,
+                  gate: Callable[[], float] | None = None) -> list[dict]:
+    """One load-generator loop: these clients connect, then (``gate``: when every group is connected, with the
+    common start time it returns; alone: ``START_DELAY_S`` after its own clients are) each sends from that start
+    plus its offset."""
     results = [dict() for _ in audios]
 
     async def main():
-        await asyncio.gather(*[_client(url, a, frame, t, token, timeout, r) for a, t, r in zip(audios, starts, results)])
+        start = asyncio.get_running_loop().create_future()
+        connected = [asyncio.Event() for _ in audios]
+        tasks = [asyncio.create_task(_client(url, a, frame, o, start, token, timeout, r, c))
+                 for a, o, r, c in zip(audios, offsets, results, connected)]
+        await asyncio.wait_for(asyncio.gather(*(c.wait() for c in connected)), CONNECT_TIMEOUT_S)
+        start.set_result(await asyncio.to_thread(gate) if gate is not None else time.monotonic() + START_DELAY_S)
+        await asyncio.gather(*tasks)
 
     try:  # uvloop where installed (the serve extra): the generator shares the machine with the server it measures
         import uvloop
     except ImportError:
-        asyncio.run(asyncio.wait_for(main(), limit))
+        asyncio.run(asyncio.wait_for(main(), limit + CONNECT_TIMEOUT_S))
     else:
-        uvloop.run(asyncio.wait_for(main(), limit))
+        uvloop.run(asyncio.wait_for(main(), limit + CONNECT_TIMEOUT_S))
     return results
 
 
@@ -662,21 +717,32 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
     client_timeout = args.drain_timeout + chunk_s
     limit = args.duration + start_spread + args.end_spread + chunk_s + args.drain_timeout + 60
     gc_before = _server_gc(url)
+    connect_seconds = None
     with gpu:
         t_start = time.monotonic()
         if len(groups) == 1:
-            results = _client_group(url, audios, frame, [time.monotonic() + 1.0 + o for o in offsets], args.token,
-                                    client_timeout, limit)
+            results = _client_group(url, audios, frame, offsets, args.token, client_timeout, limit)
         else:  # several generator processes; CLOCK_MONOTONIC is system-wide, so one start time serves them all
             import multiprocessing
+            import queue
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn")) as ex:
-                list(ex.map(time.sleep, [0.5] * len(groups)))  # every worker up (imports done) before the clock
-                t0 = time.monotonic() + 1.0
-                futures = [ex.submit(_client_group, url, [audios[i] for i in g], frame,
-                                     [t0 + offsets[i] for i in g], args.token, client_timeout, limit)
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Manager() as manager, ProcessPoolExecutor(len(groups), mp_context=ctx) as ex:
+                list(ex.map(time.sleep, [0.5] * len(groups)))  # every worker up (imports done) before connecting
+                reports, start = manager.Queue(), manager.Value("d", 0.0)
+                t_connect = time.monotonic()
+                futures = [ex.submit(_client_group, url, [audios[i] for i in g], frame, [offsets[i] for i in g],
+                                     args.token, client_timeout, limit, _StartGate(reports, start))
                            for g in groups]
+                deadline = t_connect + CONNECT_TIMEOUT_S + 10
+                for _ in groups:  # every group connected (or given up on: its clients report their errors)
+                    try:
+                        reports.get(timeout=max(0.1, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                connect_seconds = round(time.monotonic() - t_connect, 3)
+                start.value = time.monotonic() + START_DELAY_S
                 results = [r for f in futures for r in f.result()]
         wall = time.monotonic() - t_start
     lat = [x for r in results for x in r.get("lat", [])]
@@ -691,7 +757,7 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
             "latency": percentiles_ms(lat), "step_latency": None,
             "final_latency": percentiles_ms([x for r in results for x in r.get("lat_final", [])]),
             "latency_by_stream_second": _latency_by_second(results),
-            "client_start": _client_start(results),
+            "client_start": {**_client_start(results), "connect_all_s": connect_seconds},
             "lost_audio_seconds": round(lost, 3),
             "gpu_utilization": gpu.summary(), "wall_seconds": round(wall, 2),
             "sent_seconds": round(sum(a.size for a in audios) / RATE, 3),
@@ -699,14 +765,18 @@ def run_server(args, url: str, k: int, chunk_s: float) -> dict:
 
 
 def _client_start(results: list[dict]) -> dict:
-    """How the clients' starts went: ``ready_ms``, each one's "ready" from the server relative to its first frame's
-    planned time (negative: ready in time); ``late_ready``, how many were ready only after it; ``send_late_ms``, each
-    one's largest lag of a frame behind its real-time schedule (the generator's own lag, or a late start)."""
-    ready = [1000 * r["ready_late"] for r in results if r.get("ready_late") is not None]
+    """How the clients' starts went: ``connect_ms``, each one's connection and config until the server's "ready";
+    ``send_late_ms``, each one's largest lag of a frame behind its real-time schedule (the generator's own lag);
+    ``connected_before_start``: every client that got "ready" got it before the first one's audio started;
+    ``connect_all_s`` (added by the caller with several generator processes): until all K were ready."""
+    conn = [1000 * r["connect_s"] for r in results if r.get("connect_s") is not None]
     late = [1000 * r["send_late"] for r in results if r.get("send_late") is not None]
+    ready = [r["ready_at"] for r in results if r.get("ready_at") is not None]
+    starts = [r["start_at"] for r in results if r.get("start_at") is not None]
     pct = (lambda xs: {k: round(float(np.percentile(xs, q)), 1) for k, q in (("p50", 50), ("p99", 99), ("max", 100))}
            if xs else None)
-    return {"ready_ms": pct(ready), "late_ready": int(sum(x > 0 for x in ready)), "send_late_ms": pct(late)}
+    return {"connect_ms": pct(conn), "send_late_ms": pct(late),
+            "connected_before_start": bool(ready and starts and max(ready) <= min(starts))}
 
 
 def _latency_by_second(results: list[dict]) -> list[dict]:

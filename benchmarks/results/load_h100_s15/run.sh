@@ -105,3 +105,14 @@ PY
 head -1 $OUT/r/h_inproc_p3_sched.txt; grep scheduler: $OUT/r/h_inproc_p3_sched.txt > /tmp/ip.txt; TL /tmp/ip.txt
 ;;
 esac
+case "$1" in
+I)  # after run H (clients ready up to 3.1 s after their planned start, then sending their overdue audio at once):
+    # every client connects before the audio starts; run H's configuration, cold then warm
+for n in 1 2; do
+  left=$((590 - SECONDS)); [ $left -lt 120 ] && break
+  RUNQ i${n}_e3_w8_f160_bw64 $([ $n = 1 ] && echo 450 || echo $left) --fixed-batch 256 --max-batch 256 --batch-wait-ms 64 --server-workers 8 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
+  python3 -c "
+import json,sys; r=json.load(open(sys.argv[1]))['runs'][0]; print(r.get('client_start')); print(r.get('latency_by_stream_second'))" $OUT/r/i${n}_e3_w8_f160_bw64.json
+done
+;;
+esac
