@@ -183,3 +183,35 @@ def test_the_engines_admission_refusal_reaches_the_stream(tiny_ca):
         errors = [e for e in out if e["type"] == "error"]
         assert errors and errors[0]["code"] == "capacity", out
         first.close()
+
+
+@pytest.mark.parametrize("engines", [2, 0])
+def test_first_alone_starts_the_first_model_process_before_the_others(tmp_path, engines):
+    """``serve_workers(first_alone=True)``: the first process that holds the model (engine 0, or worker 0 without
+    engines) is ready before any other of its kind starts building, so the others can load what it compiled; the
+    front-ends start only once every engine is ready."""
+    import signal
+    import socket
+
+    from trt_asr.serving.runner import serve_workers
+
+    from . import serving_stubs
+
+    log = str(tmp_path / "events.txt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = serve_workers(serving_stubs.build_app, (log, 0.5), 2, port=port, engines=engines,
+                         engine_build=serving_stubs.build_engine if engines else None, engine_args=(log, 0.5),
+                         on_ready=lambda: os.kill(os.getpid(), signal.SIGTERM), first_alone=True, start_timeout=60)
+    assert code == 0
+    events = [line.split() for line in open(log)]
+    kind = "engine" if engines else "worker"
+    starts = {pid: float(t) for pid, e, t in events if e == f"{kind}-start"}
+    ready = {pid: float(t) for pid, e, t in events if e == f"{kind}-ready"}
+    assert len(starts) == len(ready) == 2
+    first = min(starts, key=starts.get)
+    assert all(ready[first] < t for pid, t in starts.items() if pid != first)
+    if engines:  # the front-ends after all engines
+        worker_starts = [float(t) for _, e, t in events if e == "worker-start"]
+        assert len(worker_starts) == 2 and min(worker_starts) > max(ready.values())

@@ -499,8 +499,11 @@ def _serve_main() -> None:
     if workers == 1 and not engines:
         serve_app(_bench_app(spec), port=spec["port"], drain_timeout=10.0)
     else:
+        # compiled on CUDA: the first process compiles and autotunes alone, the others load its kernels (same numerics)
+        first_alone = bool(spec.get("compile_mode")) and str(spec.get("device") or "").startswith("cuda")
         sys.exit(serve_workers(_bench_app, (spec,), workers, port=spec["port"], max_sessions=spec["max_sessions"],
-                               drain_timeout=10.0, engines=engines, engine_build=_bench_engine, engine_args=(spec,)))
+                               drain_timeout=10.0, engines=engines, engine_build=_bench_engine, engine_args=(spec,),
+                               first_alone=first_alone))
 
 
 def _bench_engine(spec: dict):
@@ -990,6 +993,10 @@ def run_load(args) -> int:
     try:
         if not args.in_process and not url:  # the server loads its model while we load ours
             proc, url, server_log = start_server(args, mode, params, max(ks) + 2, wait=False)
+            if args.compile_mode and str(args.device or "").startswith("cuda"):
+                # but compiles first: our references then load its kernels and tuned configurations from the
+                # Inductor cache instead of tuning beside it (serve_workers' first_alone says why)
+                _wait_healthy(proc, url, server_log)
         if need_model and (args.model or not args.url):
             from ..checkpoint import load_model
 

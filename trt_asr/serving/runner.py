@@ -145,14 +145,19 @@ def serve_workers(build: Callable, build_args: tuple, workers: int, host: str = 
                   max_sessions: int = 16, drain_timeout: float = 30.0, log_level: str = "warning",
                   on_ready: Callable[[], None] | None = None, start_timeout: float = 900.0,
                   ws_deflate: bool = False, engines: int = 0, engine_build: Callable | None = None,
-                  engine_args: tuple = ()) -> int:
+                  engine_args: tuple = (), first_alone: bool = False) -> int:
     """Run ``workers`` processes, each serving ``build(*build_args, admission=..., health=...)`` (a picklable,
     module-level function that returns the app; ``health`` adds the workers' state to GET /health) on one
     listening socket. With ``engines`` > 0, first that many engine processes, each running
     ``engine_build(*engine_args)`` (an ``EngineHost``), and ``build`` also gets ``remote=`` (their
     ``EngineAddresses``). The supervisor loads nothing itself. If a worker or an engine dies,
     the others are stopped and the exit code is 1: a server that silently lost part of its capacity is worse than
-    one that stops. Returns the exit code."""
+    one that stops. ``first_alone``: the first process that holds the model (engine 0, or worker 0 without engines)
+    starts and warms up alone, the others once it is ready. With ``torch.compile`` the first one then compiles and
+    autotunes on its own and leaves its kernels and their tuned launch configurations in Inductor's on-disk cache;
+    the others load those instead of timing candidates side by side under each other's load, where they can pick
+    different reduction configurations and so compute slightly different fp16 numbers for the same stream.
+    Returns the exit code."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if engines < 0 or (engines and engine_build is None):
@@ -192,23 +197,42 @@ def serve_workers(build: Callable, build_args: tuple, workers: int, host: str = 
     code = 0
     try:
         started = time.monotonic()
-        for p in engine_procs:
-            p.start()
-        while engine_procs and engines_ready.value < engines and not stopping:  # the front-ends connect to them
-            dead = [p for p in engine_procs if p.exitcode is not None]
-            if dead:
-                print(f"error: engine {dead[0].name} exited with code {dead[0].exitcode} while starting",
-                      file=sys.stderr, flush=True)
-                code = 1
-                stopping = True
-            elif time.monotonic() - started > start_timeout:
-                print(f"error: the engines did not start within {start_timeout:.0f} s", file=sys.stderr, flush=True)
-                code = 1
-                stopping = True
-            time.sleep(0.1)
-        if not stopping:
-            for p in procs:
+
+        def wait_engines(n: int) -> None:  # until n engines are ready (or one died / the start timed out)
+            nonlocal code, stopping
+            while engines_ready.value < n and not stopping:
+                dead = [p for p in engine_procs if p.exitcode is not None]
+                if dead:
+                    print(f"error: engine {dead[0].name} exited with code {dead[0].exitcode} while starting",
+                          file=sys.stderr, flush=True)
+                    code = 1
+                    stopping = True
+                elif time.monotonic() - started > start_timeout:
+                    print(f"error: the engines did not start within {start_timeout:.0f} s", file=sys.stderr,
+                          flush=True)
+                    code = 1
+                    stopping = True
+                time.sleep(0.1)
+
+        if engine_procs:  # the front-ends connect to them: all ready first
+            first = 1 if first_alone else len(engine_procs)
+            for p in engine_procs[:first]:
                 p.start()
+            wait_engines(first)
+            if not stopping:
+                for p in engine_procs[first:]:
+                    p.start()
+                wait_engines(engines)
+        if not stopping:
+            first = 1 if first_alone and not engine_procs else len(procs)
+            for p in procs[:first]:
+                p.start()
+            while ready.value < first and not stopping and procs[0].exitcode is None \
+                    and time.monotonic() - started < start_timeout:
+                time.sleep(0.1)  # (a worker that dies or a start past the timeout: the loop below reports it)
+            if not stopping:
+                for p in procs[first:]:
+                    p.start()
         announced = False
         while any(p.is_alive() for p in procs):
             if not stopping and any(p.exitcode is not None for p in procs + engine_procs):
