@@ -116,3 +116,15 @@ import json,sys; r=json.load(open(sys.argv[1]))['runs'][0]; print(r.get('client_
 done
 ;;
 esac
+case "$1" in
+J)  # after group I: the first engine compiles alone (first_alone), the references wait for the server; cold then
+    # warm, with a 64 ms then a 40 ms batch wait (GPU mean was 44-48 % in group I: room for less full steps)
+RUNQ j1_e3_w8_f160_bw64 450 --fixed-batch 256 --max-batch 256 --batch-wait-ms 64 --server-workers 8 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
+python3 -c "
+import json,sys; r=json.load(open(sys.argv[1]))['runs'][0]; print(r.get('client_start')); print(r.get('latency_by_stream_second')); print(r.get('server_latency'))" $OUT/r/j1_e3_w8_f160_bw64.json
+left=$((590 - SECONDS))
+[ $left -gt 120 ] && RUNQ j2_e3_w8_f160_bw40 $left --fixed-batch 256 --max-batch 256 --batch-wait-ms 40 --server-workers 8 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
+[ -f $OUT/r/j2_e3_w8_f160_bw40.json ] && python3 -c "
+import json,sys; r=json.load(open(sys.argv[1]))['runs'][0]; print(r.get('client_start')); print(r.get('latency_by_stream_second')); print(r.get('server_latency'))" $OUT/r/j2_e3_w8_f160_bw40.json
+;;
+esac
