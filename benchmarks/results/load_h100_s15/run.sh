@@ -128,3 +128,15 @@ left=$((590 - SECONDS))
 import json,sys; r=json.load(open(sys.argv[1]))['runs'][0]; print(r.get('client_start')); print(r.get('latency_by_stream_second')); print(r.get('server_latency'))" $OUT/r/j2_e3_w8_f160_bw40.json
 ;;
 esac
+case "$1" in
+K)  # after group J (p99 175 ms at a 40 ms batch wait; the engines' own p99 109-121 ms): 12 front-ends at a 40 ms
+    # wait (cold), then 8 front-ends at a 32 ms wait (warm)
+RUNQ k1_e3_w12_f160_bw40 440 --fixed-batch 256 --max-batch 256 --batch-wait-ms 40 --server-workers 12 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
+python3 -c "
+import json,sys; r=json.load(open(sys.argv[1]))['runs'][0]; print(r.get('client_start')); print(r.get('latency_by_stream_second')); print(r.get('server_latency'))" $OUT/r/k1_e3_w12_f160_bw40.json
+left=$((592 - SECONDS))
+[ $left -gt 140 ] && RUNQ k2_e3_w8_f160_bw32 $left --fixed-batch 256 --max-batch 256 --batch-wait-ms 32 --server-workers 8 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
+[ -f $OUT/r/k2_e3_w8_f160_bw32.json ] && python3 -c "
+import json,sys; r=json.load(open(sys.argv[1]))['runs'][0]; print(r.get('client_start')); print(r.get('latency_by_stream_second')); print(r.get('server_latency'))" $OUT/r/k2_e3_w8_f160_bw32.json
+;;
+esac
