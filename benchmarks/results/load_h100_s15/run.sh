@@ -90,6 +90,7 @@ case "$1" in
 H)  # run G's configuration without profiles, with the clients' start (ready vs planned start, send lag) and each
     # engine's arrival rate in its timeline; then the same streams in-process (3 processes, as runs 104/107) for the
     # in-process timelines side by side
+# (its first call, cold, timed out at 430 s in the server's warm-up; the second call, warm, ran it with 560)
 RUNQ h_e3_w8_f160_bw64 430 --fixed-batch 256 --max-batch 256 --batch-wait-ms 64 --server-workers 8 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
 python3 -c "
 import json,sys; r=json.load(open(sys.argv[1]))['runs'][0]; print(r.get('client_start')); print(r.get('latency_by_stream_second'))" $OUT/r/h_e3_w8_f160_bw64.json
