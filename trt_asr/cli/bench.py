@@ -666,8 +666,8 @@ CONNECT_TIMEOUT_S = 120.0
 
 
 class _StartGate:
-    """The generator processes' rendezvous (manager proxies, so it pickles into a worker): each group reports when
-    its clients are connected (``report``), then blocks until the parent posts the common start time (``wait``)."""
+    """The generator processes' rendezvous (manager proxies, so it pickles into a worker): called by a group once
+    its clients are connected, it reports that to the parent and returns the common start time once posted."""
 
     def __init__(self, reports, start):
         self.reports, self.start = reports, start
@@ -772,13 +772,11 @@ def _client_start(results: list[dict]) -> dict:
     ``send_late_ms``, each one's largest lag of a frame behind its real-time schedule (the generator's own lag);
     ``connected_before_start``: every client that got "ready" got it before the first one's audio started;
     ``connect_all_s`` (added by the caller with several generator processes): until all K were ready."""
-    conn = [1000 * r["connect_s"] for r in results if r.get("connect_s") is not None]
-    late = [1000 * r["send_late"] for r in results if r.get("send_late") is not None]
+    conn = [r["connect_s"] for r in results if r.get("connect_s") is not None]
+    late = [r["send_late"] for r in results if r.get("send_late") is not None]
     ready = [r["ready_at"] for r in results if r.get("ready_at") is not None]
     starts = [r["start_at"] for r in results if r.get("start_at") is not None]
-    pct = (lambda xs: {k: round(float(np.percentile(xs, q)), 1) for k, q in (("p50", 50), ("p99", 99), ("max", 100))}
-           if xs else None)
-    return {"connect_ms": pct(conn), "send_late_ms": pct(late),
+    return {"connect_ms": percentiles_ms(conn), "send_late_ms": percentiles_ms(late),
             "connected_before_start": bool(ready and starts and max(ready) <= min(starts))}
 
 

@@ -968,7 +968,7 @@ class StreamScheduler:
         s.step_seconds.append(dt)
         s.batch_sizes.append(len(batch))
         s.busy_seconds += dt
-        streams = list(self._streams.values())
+        streams = list(self._streams.values())  # statistics: one pass over the open streams' counters per step
         queued = sum(st._inbox_samples for st in streams) / (max(len(streams), 1) * self.config.sample_rate)
         s.note_step(time.monotonic(), self._ready_seen or len(batch), len(batch), dt, queued,
                     self._samples_in / self.config.sample_rate)
