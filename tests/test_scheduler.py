@@ -72,7 +72,7 @@ class CountingMode:
 
 class SplitCountingMode(CountingMode):
     """The same, with the step split as BatchedCacheAwareMode's (``step_begin`` launches, ``step_end`` waits and
-    commits): the scheduler then delivers a step's events while the next step runs."""
+    commits): the scheduler then runs the next step's intake while this one's device work runs."""
 
     def step_begin(self, streams):
         return list(streams)
@@ -86,7 +86,7 @@ _SPLIT = {"on": False}
 
 @pytest.fixture(autouse=True, params=["step", "step_begin/end"])
 def _mode_kind(request):
-    """Every scheduler test runs with a plain mode and with a split one (events delivered one step later)."""
+    """Every scheduler test runs with a plain mode and with a split one (``step_begin``/``step_end``)."""
     _SPLIT["on"] = request.param != "step"
     yield
     _SPLIT["on"] = False
@@ -189,6 +189,29 @@ def test_fairness_oldest_ready_first():
     assert max(waited.values()) <= 4
     assert min(st.steps for st in streams) >= 8
     assert all(n <= 3 for n in mode.calls)
+
+
+def test_a_steps_events_are_delivered_when_it_returns():
+    """Each step's events reach their streams before ``step()`` returns (not during the next step: they would wait
+    for its intake and launch), and each delivery is followed by ``on_step`` (an engine host sends from there)."""
+    sched, mode = fake_scheduler(max_streams=8, max_batch=2, max_buffer_seconds=100)
+    seen = []
+    streams = [sched.open() for _ in range(3)]
+    sched.on_step = lambda info: seen.append((info["batch"], [len(st._events) for st in streams]))
+    for st in streams:
+        st.push(np.ones(1600 * 2, np.float32))  # 2 chunks each
+    got = {st.id: [] for st in streams}
+    for _ in range(3):
+        n = sched.step()
+        stepped = [st for st in streams if st.steps > len(got[st.id])]
+        assert n == 2 and len(stepped) == 2
+        for st in stepped:
+            events = st.poll()
+            assert len(events) == 1, (st.id, events)  # this step's event, already here
+            got[st.id] += events
+    assert [b for b, _ in seen] == [2, 2, 2]
+    assert all(sum(pending) >= 2 for _, pending in seen)  # on_step came after that step's delivery
+    assert all(len(v) == 2 for v in got.values())
 
 
 def test_stats_timeline_accounts_for_every_step_and_event():
