@@ -146,12 +146,15 @@ def test_sigterm_drains_open_streams(model, pcm, workers, engines):
 def test_workers_share_one_stream_limit_and_match_alone(model, pcm, engines):
     """--workers 2 --max-sessions 2: two streams run (wherever the kernel put them), a third is refused with
     `busy` although each worker alone would have room; each finished stream's finals == the audio alone. With
-    --engines 2 the front-ends hold no model: the streams run on the engine processes."""
+    --engines 2 the front-ends hold no model: the streams run on the engine processes, and each front-end serves
+    its links to them from its event loop."""
     with serve("--workers", "2", "--engines", str(engines), max_sessions=2) as (proc, port):
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
         assert health["workers"] == 2 and health["workers_ready"] == 2
         if engines:
             assert health["engine_processes"] == 2 and [e["alive"] for e in health["engines"]] == [True, True]
+            # the front-end serves its engine links from its event loop (no link or dispatcher threads)
+            assert [e["io"] for e in health["engines"]] == ["loop", "loop"]
         # each worker froze its start-up heap (model, tokenizer) out of the collector's way, and counts pauses
         assert health["gc"]["frozen_objects"] > 10_000 and len(health["gc"]["collections"]) == 3
         a, b = OpenStream(port), OpenStream(port)

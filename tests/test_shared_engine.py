@@ -7,9 +7,11 @@ a wrong key is refused; the engine's own admission refusal reaches the caption s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
+import threading
 import time
 from multiprocessing.connection import Client, Listener
 
@@ -47,8 +49,10 @@ def _service(model, mode, params, config: SchedulerConfig | None = None) -> Capt
 
 
 @contextlib.contextmanager
-def engines(services):
-    """One EngineHost per service on a fresh Unix socket, and a front-end pool connected to all of them."""
+def engines(services, io: str = "threads"):
+    """One EngineHost per service on a fresh Unix socket, and a front-end pool connected to all of them. ``io``:
+    the pool serves its links with threads, or from an event loop (a thread running it here; a server's own loop
+    in ``serve``), as a front-end process does (``attach_loop``); the loop is ``pool.test_loop``."""
     key = os.urandom(16)
     folder = tempfile.mkdtemp(prefix="trt-asr-test-engines-")
     hosts, paths = [], []
@@ -57,20 +61,34 @@ def engines(services):
         hosts.append(EngineHost(svc).start(Listener(path, family="AF_UNIX", authkey=key)))
         paths.append(path)
     pool = RemoteCaptionPool(EngineAddresses(tuple(paths), key))
+    loop = thread = None
+    if io == "loop":
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        asyncio.run_coroutine_threadsafe(pool.attach_loop(), loop).result(10)
+        pool.test_loop = (loop, thread.ident)
     try:
         yield pool, hosts
     finally:
         pool.stop(drain=False)
         for h in hosts:
             h.stop(drain_timeout=5)
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
 
 
 def _front_end(pool, mode: str) -> CaptionService:
     return CaptionService(pool.model, mode, pool.params, pool=pool)
 
 
-@pytest.mark.parametrize("mode", ["cache-aware", "buffered"])
-def test_captions_through_two_engines_equal_in_process(tiny_ca, tiny, mode):
+@pytest.mark.parametrize("mode,io", [("cache-aware", "threads"), ("buffered", "threads"), ("cache-aware", "loop"),
+                                     ("buffered", "loop")])
+def test_captions_through_two_engines_equal_in_process(tiny_ca, tiny, mode, io):
+    """Also with the links served from an event loop (a server front-end's): every event is then made in the
+    loop's thread, fed by other threads' pushes."""
     model, params = (tiny_ca, {}) if mode == "cache-aware" else (tiny, BUFFERED)
     audios = _audios(4)
     svc = _service(model, mode, params)
@@ -78,10 +96,18 @@ def test_captions_through_two_engines_equal_in_process(tiny_ca, tiny, mode):
         want = _run(svc, audios)
     finally:
         svc._shared.stop(drain=False)
-    with engines([_service(model, mode, params), _service(model, mode, params)]) as (pool, hosts):
+    with engines([_service(model, mode, params), _service(model, mode, params)], io) as (pool, hosts):
         fe = _front_end(pool, mode)
         assert fe.model.tokenizer is not None and fe.model.cfg.sample_rate == 16000  # config and tokenizer came over
+        emitted_in: set[int] = set()
+        make = fe.pipeline
+        fe.pipeline = lambda emit, *a, **k: make(lambda e: (emitted_in.add(threading.get_ident()), emit(e)), *a, **k)
         got = _run(fe, audios)
+        assert [link._io for link in pool.links] == [io, io]
+        if io == "loop":
+            assert emitted_in == {pool.test_loop[1]}, emitted_in
+        else:
+            assert len(emitted_in) == 1 and threading.get_ident() not in emitted_in  # the dispatcher thread
         opened = [h.scheduler.stats.opened for h in hosts]
         assert opened == [2, 2], opened  # the streams were spread over both engines
         assert [h.scheduler.open_streams for h in hosts] == [0, 0]  # every stream finished and was released
@@ -90,6 +116,30 @@ def test_captions_through_two_engines_equal_in_process(tiny_ca, tiny, mode):
         assert _finals(g) == _finals(w)
         assert g[-1]["type"] == "end" and g[-1]["audio_duration"] == pytest.approx(a.size / 16000, abs=1e-3)
         assert [e["seq"] for e in g] == list(range(len(g)))
+
+
+def test_a_steps_updates_leave_from_the_schedulers_thread(tiny_ca):
+    """The engine sends a step's updates from the scheduler's thread right after the step (the writer thread would
+    wait for the GIL behind the next step); the captions are those of the in-process pool."""
+    audios = _audios(2, seed=5)
+    svc = _service(tiny_ca, "cache-aware", {})
+    try:
+        want = _run(svc, audios)
+    finally:
+        svc._shared.stop(drain=False)
+    with engines([_service(tiny_ca, "cache-aware", {})], "loop") as (pool, hosts):
+        senders: list[str] = []
+        deadline = time.monotonic() + 10
+        while not hosts[0]._links and time.monotonic() < deadline:
+            time.sleep(0.01)
+        link = hosts[0]._links[0]
+        send = link.conn.send
+        link.conn.send = lambda msg: (senders.append(threading.current_thread().name), send(msg))[1]
+        got = _run(_front_end(pool, "cache-aware"), audios)
+        scheduler_thread = hosts[0].scheduler._thread.name
+    assert any(_finals(w) for w in want)
+    assert [_finals(g) for g in got] == [_finals(w) for w in want]
+    assert senders and senders.count(scheduler_thread) >= len(senders) // 2, senders
 
 
 def test_credit_refuses_audio_past_the_bound_and_loses_none(tiny_ca):
@@ -114,19 +164,21 @@ def test_credit_refuses_audio_past_the_bound_and_loses_none(tiny_ca):
         assert _finals(g) == _finals(w) and g[-1]["audio_duration"] == w[-1]["audio_duration"]
 
 
-def test_offline_transcription_runs_on_the_engine(tiny):
+@pytest.mark.parametrize("io", ["threads", "loop"])
+def test_offline_transcription_runs_on_the_engine(tiny, io):
     audio = _audios(1, seed=11)[0]
     svc = _service(tiny, "buffered", BUFFERED)
     want = svc.transcribe_offline(audio)
-    with engines([svc]) as (pool, hosts):
+    with engines([svc], io) as (pool, hosts):
         got = _front_end(pool, "buffered").transcribe_offline(audio)
         assert hosts[0]._transcriber is not None  # it ran there
     assert want.text and got.text == want.text
     assert [(w.word, w.start, w.end) for w in got.words] == [(w.word, w.start, w.end) for w in want.words]
 
 
-def test_an_engine_that_goes_away_ends_its_streams(tiny_ca):
-    with engines([_service(tiny_ca, "cache-aware", {})]) as (pool, hosts):
+@pytest.mark.parametrize("io", ["threads", "loop"])
+def test_an_engine_that_goes_away_ends_its_streams(tiny_ca, io):
+    with engines([_service(tiny_ca, "cache-aware", {})], io) as (pool, hosts):
         fe = _front_end(pool, "cache-aware")
         out: list[dict] = []
         pipe = fe.pipeline(out.append, 16000, options={"vad": False})

@@ -421,6 +421,69 @@ class CaptionDispatcher:
             pipe._service()
 
 
+class LoopDispatcher:
+    """``CaptionDispatcher``'s queueing run as callbacks of one asyncio event loop instead of a thread: for a process
+    whose stream I/O all runs in that loop (a ``serve --engines`` front-end: WebSockets and the engine links), so
+    an update goes from the engine's socket to the client's without a thread hand-off, each of which waits for the
+    GIL. Same order: each pipeline queued once at a time, streams that ended first. ``notify`` never services in the
+    caller's frame (the caller may hold the pipeline's audio lock); from another thread it is handed to the loop."""
+
+    # pipelines serviced per callback before the loop gets a turn (its WebSocket sends and reads)
+    BATCH = 32
+
+    def __init__(self, loop):
+        self.loop = loop
+        self._loop_thread = None  # the loop's thread, known from the first callback (or bind())
+        self._urgent: collections.deque = collections.deque()
+        self._normal: collections.deque = collections.deque()
+        self._queued: set[int] = set()
+        self._urgent_ids: set[int] = set()
+        self._scheduled = False
+        self._lock = threading.Lock()  # notify() may come from another thread (a test's feeder, a drain)
+
+    def bind(self) -> "LoopDispatcher":
+        """Called in the loop's thread: later notifies from it skip the thread-safe hand-off."""
+        self._loop_thread = threading.get_ident()
+        return self
+
+    def notify(self, pipe: ScheduledCaptionPipeline, urgent: bool = False) -> None:
+        urgent = urgent or pipe._closed
+        with self._lock:
+            key = id(pipe)
+            if key in self._queued and not (urgent and key not in self._urgent_ids):
+                return
+            self._queued.add(key)
+            if urgent:
+                self._urgent_ids.add(key)
+                self._urgent.append(pipe)
+            else:
+                self._normal.append(pipe)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        if threading.get_ident() == self._loop_thread:
+            self.loop.call_soon(self._run)
+        else:
+            self.loop.call_soon_threadsafe(self._run)
+
+    def stop(self) -> None:
+        """Nothing to stop: the loop's owner ends it."""
+
+    def _run(self) -> None:
+        if self._loop_thread is None:
+            self._loop_thread = threading.get_ident()
+        for _ in range(self.BATCH):
+            with self._lock:
+                if not self._urgent and not self._normal:
+                    self._scheduled = False
+                    return
+                pipe = (self._urgent or self._normal).popleft()
+                self._queued.discard(id(pipe))
+                self._urgent_ids.discard(id(pipe))
+            pipe._service()
+        self.loop.call_soon(self._run)  # more queued: after the loop's other ready callbacks
+
+
 def run_pipeline_sync(recognizer: StreamingRecognizer, chunks, options: PipelineOptions | None = None,
                       decode=None, emit: Callable[[dict], None] | None = None, pace: float | None = None) -> list[dict]:
     """Push an iterable of chunks (as fast as possible, or paced: ``pace`` = real-time factor, 1.0 = real time),

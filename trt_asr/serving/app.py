@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hmac
 import json
+import os
 import re
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -67,10 +70,16 @@ class LoopRelay:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self._loop_thread = threading.get_ident()  # made in the loop (the first stream's handler)
         self._items: collections.deque = collections.deque()
         self._scheduled = False
 
     def put(self, queue: asyncio.Queue, item) -> None:
+        if threading.get_ident() == self._loop_thread:  # the loop's own callback (LoopDispatcher): no hand-off
+            if self._items:  # (what other threads handed over first stays first)
+                self._drain()
+            queue.put_nowait(item)
+            return
         self._items.append((queue, item))
         if not self._scheduled:  # a drain already scheduled but not yet run will take this item too
             self._scheduled = True
@@ -383,7 +392,16 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
         WebSocketRoute("/v1/stream", stream),
         Mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static"),
     ]
-    app = Starlette(routes=routes)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # a serve --engines front-end: its engine links and caption dispatch become callbacks of this loop
+        attach = getattr(service.pool, "attach_loop", None)
+        # (TRT_ASR_FRONT_END_IO=threads: the links' own threads, as before; for side-by-side measurements)
+        if attach is not None and os.environ.get("TRT_ASR_FRONT_END_IO", "loop") != "threads":
+            await attach()
+        yield
+
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.service = service
     app.state.drain = drain
     return app

@@ -10,7 +10,10 @@ N copies of everything, model included. With ``--engines M`` the work is split b
   DSP, caption state and events, and opens every stream on the engine that has the fewest of its streams.
 
 Front-end and engine talk over an authenticated local socket (``multiprocessing.connection``), in batched messages
-both ways (a sender thread on each side coalesces what queued while it was busy):
+both ways. In a server, a front-end serves its links from its event loop (``attach_loop``: reads, writes and the
+caption dispatch are callbacks of the loop that serves the WebSockets, with no thread hand-off on a stream's path);
+elsewhere (tests, tools) a sender and a receiver thread per link. An engine sends each step's updates from its
+scheduler's thread right after the step, and the rest (refused opens, offline results) from a writer thread:
 
     front-end -> engine   ("open", fid)  ("push", fid, float32 bytes)  ("end", fid)  ("close", fid)
                           ("transcribe", rid, float32 bytes)                       offline POST, run on the engine
@@ -37,7 +40,9 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import pickle
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -142,10 +147,11 @@ class EngineHost:
         ...
         host.stop(drain_timeout=30)             # streams still open get their finals first
 
-    Two threads serve every front-end, whatever their number: one reads all connections, one writes all updates.
-    The scheduler's thread needs the GIL for each step's host work, and every thread that wakes on I/O takes the
-    GIL from it (a thread per connection and side, 16 for 8 front-ends, halved an engine's capacity on the H100);
-    each of the two also waits a moment after waking, so that one wake-up serves many messages."""
+    Two threads serve every front-end, whatever their number: one reads all connections, one writes what the
+    scheduler's thread did not send itself (each step's updates leave from there, right after the step). The
+    scheduler's thread needs the GIL for each step's host work, and every thread that wakes on I/O takes the GIL
+    from it (a thread per connection and side, 16 for 8 front-ends, halved an engine's capacity on the H100); each
+    of the two also waits a moment after waking, so that one wake-up serves many messages."""
 
     def __init__(self, service):
         self.service = service
@@ -172,6 +178,17 @@ class EngineHost:
 
     def start(self, listener: Listener) -> "EngineHost":
         self._listener = listener
+        # each step's updates leave from the scheduler's thread as soon as its events are delivered: the writer
+        # thread would wait for the GIL behind the next step's intake and launch (the writer stays for what comes
+        # between steps: refused opens, closes, offline results)
+        previous = self.scheduler.on_step
+
+        def after_step(info: dict) -> None:
+            if previous is not None:
+                previous(info)
+            self._flush_all()
+
+        self.scheduler.on_step = after_step
         for target, name in ((self._accept, "engine-accept"), (self._read, "engine-read"),
                              (self._write, "engine-write")):
             threading.Thread(target=target, name=name, daemon=True).start()
@@ -221,10 +238,13 @@ class EngineHost:
         while not self._stopped:
             self._wake.wait()
             time.sleep(WRITE_COALESCE_S)
-            self._wake.clear()
-            for link in self._links:
-                if not link.closed:
-                    link.flush()
+            self._flush_all()
+
+    def _flush_all(self) -> None:
+        self._wake.clear()  # first: a mark made from here on wakes the writer again
+        for link in self._links:
+            if not link.closed:
+                link.flush()
 
     def transcribe(self, audio: np.ndarray):
         from ..transcribe import Transcriber
@@ -260,7 +280,8 @@ class _EngineSideLink:
         self.streams: dict[int, object] = {}  # fid -> ScheduledStream
         self._marks: deque[int] = deque()  # fids signalled by the scheduler (appended under its lock)
         self._outbox: deque = deque()  # ready-made messages (refused opens, offline results)
-        self.closed = False
+        self._send_lock = threading.Lock()  # flush() from the scheduler's thread and the writer: one at a time,
+        self.closed = False                 # so a stream's updates leave in the order they were taken
 
     def _mark(self, fid: int) -> None:  # scheduler thread, under its lock: keep it short
         self._marks.append(fid)
@@ -312,6 +333,10 @@ class _EngineSideLink:
 
     def flush(self) -> None:
         """Send what queued and one update per signalled stream, in one message."""
+        with self._send_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         sched = self.sched
         batch = []
         while self._outbox:
@@ -505,8 +530,8 @@ class RemoteStream:
 
 
 class _FrontEndLink:
-    """A front-end's connection to one engine: a sender thread batches the ops, a receiver thread applies the
-    updates to the streams."""
+    """A front-end's connection to one engine: ops are batched for ``SEND_COALESCE_S`` and sent, updates are applied
+    to the streams; by a sender and a receiver thread (``start_threads``) or by the event loop (``attach``)."""
 
     def __init__(self, index: int, path: str, authkey: bytes, connect_timeout: float = 60.0):
         self.index = index
@@ -528,8 +553,37 @@ class _FrontEndLink:
         self._wake = threading.Event()
         self._rpc: dict[int, concurrent.futures.Future] = {}
         self.alive = True
-        threading.Thread(target=self._send_loop, name=f"engine-{index}-send", daemon=True).start()
-        threading.Thread(target=self._recv_loop, name=f"engine-{index}-recv", daemon=True).start()
+        self._io = None  # "threads" or "loop", from start_threads() / attach()
+        self._loop = None
+        self._loop_thread = None
+        self._transport = None
+        self._flush_scheduled = False
+
+    def start_threads(self) -> None:
+        """Serve the connection with a sender and a receiver thread (any process; ``attach`` is the server's)."""
+        if self._io is None:
+            self._io = "threads"
+            threading.Thread(target=self._send_loop, name=f"engine-{self.index}-send", daemon=True).start()
+            threading.Thread(target=self._recv_loop, name=f"engine-{self.index}-recv", daemon=True).start()
+
+    async def attach(self) -> None:
+        """Serve the connection from the running event loop: reads and writes are callbacks of the loop that
+        serves the WebSockets, so an update reaches its stream's caption pipeline and client without a thread
+        hand-off (each waits for the GIL, behind the loop's own work)."""
+        if self._io is not None:
+            raise RuntimeError(f"engine link {self.index} is already served ({self._io})")
+        import asyncio
+
+        self._io = "loop"
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        # the socket, past the handshake and the hello (Connection reads exactly a message: nothing is buffered)
+        sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+        sock.setblocking(False)
+        self._transport, _ = await self._loop.create_unix_connection(lambda: _LinkProtocol(self), sock=sock)
+        self.conn.close()
+        if self._outbox:
+            self._schedule_flush()
 
     def open(self, bound_samples: int) -> RemoteStream:
         if not self.alive:
@@ -541,7 +595,28 @@ class _FrontEndLink:
 
     def send(self, op) -> None:
         self._outbox.append(op)
-        _wake(self._wake)
+        if self._io == "loop":
+            self._schedule_flush()
+        else:
+            _wake(self._wake)
+
+    def _schedule_flush(self) -> None:
+        # (the flag is cleared before the outbox is taken: an op appended meanwhile schedules another flush)
+        if self._flush_scheduled:
+            return
+        self._flush_scheduled = True
+        if threading.get_ident() == self._loop_thread:
+            self._loop.call_later(SEND_COALESCE_S, self._flush)
+        else:
+            self._loop.call_soon_threadsafe(self._loop.call_later, SEND_COALESCE_S, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch = []
+        while self._outbox:
+            batch.append(self._outbox.popleft())
+        if batch and self.alive and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(_frame(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)))
 
     def forget(self, st: RemoteStream) -> None:
         if self.streams.pop(st.id, None) is not None:
@@ -571,25 +646,29 @@ class _FrontEndLink:
     def _recv_loop(self) -> None:
         try:
             while True:
-                for msg in self.conn.recv():
-                    if msg[0] == "update":
-                        _, fid, events, taken, done, consumed, left, decoded = msg
-                        st = self.streams.get(fid)
-                        if st is None:
-                            continue
-                        if done:
-                            self.streams.pop(fid, None)
-                        st._apply(_unpack_events(events), taken, done, consumed, left, decoded)
-                    elif msg[0] == "transcribed":
-                        fut = self._rpc.pop(msg[1], None)
-                        if fut is not None:
-                            if msg[2]:
-                                fut.set_result(msg[3])
-                            else:
-                                fut.set_exception(RuntimeError(msg[3]))
+                self._received(self.conn.recv())
         except (EOFError, OSError):
             pass
         self._engine_gone()
+
+    def _received(self, batch: list) -> None:
+        """One message of the engine's: updates applied to their streams, offline results to their callers."""
+        for msg in batch:
+            if msg[0] == "update":
+                _, fid, events, taken, done, consumed, left, decoded = msg
+                st = self.streams.get(fid)
+                if st is None:
+                    continue
+                if done:
+                    self.streams.pop(fid, None)
+                st._apply(_unpack_events(events), taken, done, consumed, left, decoded)
+            elif msg[0] == "transcribed":
+                fut = self._rpc.pop(msg[1], None)
+                if fut is not None:
+                    if msg[2]:
+                        fut.set_result(msg[3])
+                    else:
+                        fut.set_exception(RuntimeError(msg[3]))
 
     def _engine_gone(self) -> None:
         if not self.alive:
@@ -607,7 +686,66 @@ class _FrontEndLink:
     def close(self) -> None:
         self.alive = False
         self._wake.set()
-        _hang_up(self.conn)
+        if self._io == "loop":
+            if threading.get_ident() == self._loop_thread:
+                self._transport.abort()
+            elif not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._transport.abort)
+        else:
+            _hang_up(self.conn)
+
+
+def _frame(payload: bytes) -> bytes:
+    """``multiprocessing.connection``'s framing (what the engine's ``Connection.recv`` reads): a big-endian
+    signed 32-bit length, or -1 and a 64-bit length past 2 GiB, then the pickle."""
+    n = len(payload)
+    return (struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)) + payload
+
+
+class _LinkProtocol:
+    """The loop side of a ``_FrontEndLink``: whole messages out of the byte stream (``_frame``'s format), each
+    handed to the link as it completes."""
+
+    def __init__(self, link: "_FrontEndLink"):
+        self.link = link
+        self._buf = bytearray()
+
+    def connection_made(self, transport) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos = 0
+        while True:
+            if len(buf) - pos < 4:
+                break
+            (n,) = struct.unpack_from("!i", buf, pos)
+            head = 4
+            if n == -1:
+                if len(buf) - pos < 12:
+                    break
+                (n,) = struct.unpack_from("!Q", buf, pos + 4)
+                head = 12
+            if len(buf) - pos < head + n:
+                break
+            batch = pickle.loads(bytes(buf[pos + head:pos + head + n]))
+            pos += head + n
+            self.link._received(batch)
+        if pos:
+            del buf[:pos]
+
+    def eof_received(self):
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc) -> None:
+        self.link._engine_gone()
+
+    def pause_writing(self) -> None:  # the engine reads slowly: writes queue in the transport (credit bounds them)
+        pass
+
+    def resume_writing(self) -> None:
+        pass
 
 
 class RemoteCaptionPool:
@@ -631,11 +769,36 @@ class RemoteCaptionPool:
         self._bound = int(info["max_buffer_seconds"] * info["sample_rate"])
         self._dispatcher = None
         self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def _serve(self) -> None:
+        """The links' I/O, if ``attach_loop`` did not take it: a sender and a receiver thread per engine, and a
+        dispatcher thread (made on first use)."""
+        with self._lock:
+            for link in self.links:
+                if link._io is None:
+                    link.start_threads()
+
+    async def attach_loop(self) -> None:
+        """Serve every engine link and the caption dispatch from the running event loop (the server's: its app
+        calls this at start-up, before any stream; ``create_app``'s lifespan). After it, the front-end's stream
+        path has no thread of its own: the engines' updates, the caption pipelines and the WebSocket sends run
+        in the loop's thread, one after another, with no hand-off that waits for the GIL."""
+        import asyncio
+
+        from ..captions.pipeline import LoopDispatcher
+
+        if self._dispatcher is not None or any(link._io is not None for link in self.links):
+            raise RuntimeError("the engine links are already served by threads")
+        for link in self.links:
+            await link.attach()
+        self._dispatcher = LoopDispatcher(asyncio.get_running_loop()).bind()
 
     def open(self):
         """A caption stream on the engine with the fewest of this front-end's streams (ties in turn)."""
         from ..streaming.scheduler import _CaptionStream
 
+        self._serve()
         alive = [link for link in self.links if link.alive]
         if not alive:
             raise ConnectionError("no engine process is available")
@@ -645,22 +808,24 @@ class RemoteCaptionPool:
 
     @property
     def dispatcher(self):
-        if self._dispatcher is None:
-            from ..captions.pipeline import CaptionDispatcher
+        with self._lock:
+            if self._dispatcher is None:
+                from ..captions.pipeline import CaptionDispatcher
 
-            self._dispatcher = CaptionDispatcher()
+                self._dispatcher = CaptionDispatcher()
         return self._dispatcher
 
     def transcribe(self, audio: np.ndarray):
         """Offline transcription of one clip, on the engine with the fewest streams of this front-end."""
+        self._serve()
         alive = [link for link in self.links if link.alive]
         if not alive:
             raise ConnectionError("no engine process is available")
         return min(alive, key=lambda link: len(link.streams)).transcribe(audio)
 
     def engines(self) -> list[dict]:
-        return [{"index": link.index, "pid": link.info.get("pid"), "alive": link.alive, "streams": len(link.streams)}
-                for link in self.links]
+        return [{"index": link.index, "pid": link.info.get("pid"), "alive": link.alive, "streams": len(link.streams),
+                 "io": link._io} for link in self.links]
 
     def health(self, base: Callable[[], dict] | None = None) -> Callable[[], dict]:
         """``base``'s GET /health fields (the workers') plus this front-end's view of the engines."""
