@@ -90,3 +90,14 @@ for n in 1 2; do
 done
 ;;
 esac
+case "$1" in
+M)  # warm, after group L: run L's configuration again; the same with the front-ends' links on threads (as before
+    # this session: the engine-side change alone); then 2,304 streams
+RUNQ m1_e3_w12_f160_bw40 200 --fixed-batch 256 --max-batch 256 --batch-wait-ms 40 --server-workers 12 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
+CS $OUT/r/m1_e3_w12_f160_bw40.json
+left=$((590 - SECONDS)); [ $left -gt 150 ] && TRT_ASR_FRONT_END_IO=threads RUNQ m2_e3_w12_f160_bw40_threads 200 --fixed-batch 256 --max-batch 256 --batch-wait-ms 40 --server-workers 12 --server-engines 3 --duration 6 --end-spread 2 --streams 2048 --frame-ms 160
+[ -f $OUT/r/m2_e3_w12_f160_bw40_threads.json ] && CS $OUT/r/m2_e3_w12_f160_bw40_threads.json
+left=$((590 - SECONDS)); [ $left -gt 150 ] && RUNQ m3_e3_w12_f160_bw40_k2304 $left --fixed-batch 256 --max-batch 256 --batch-wait-ms 40 --server-workers 12 --server-engines 3 --duration 6 --end-spread 2 --streams 2304 --frame-ms 160
+[ -f $OUT/r/m3_e3_w12_f160_bw40_k2304.json ] && CS $OUT/r/m3_e3_w12_f160_bw40_k2304.json
+;;
+esac
