@@ -1,5 +1,6 @@
 #!/bin/bash
-# Session-16 runs (H100; docs/capacity.md). $1 picks the group. Helpers (cpu.py, agg.py) are session 13's; RUN,
+# Session-16 runs (H100; docs/capacity.md), written in session 16 and run in session 17 (2026-12-08: group L in one
+# call, then group M on the same warm machine; results beside this file, runs 135-139). $1 picks the group. Helpers (cpu.py, agg.py) are session 13's; RUN,
 # RUNQ and TL as session 15's (TL prints each engine's scheduler timeline from the server log).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/loadbench/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site
