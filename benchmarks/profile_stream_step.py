@@ -36,7 +36,8 @@ def sync():
 
 def build(args):
     from trt_asr.checkpoint import load_model
-    from trt_asr.cli.bench import _streamable_features, with_engine
+    from trt_asr.cli.bench import _streamable_features
+    from trt_asr.engines import with_streaming_engine
     from trt_asr.streaming.batched_cache_aware import BatchedCacheAwareMode
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -45,8 +46,8 @@ def build(args):
     params = {"chunk_size": frames, "att_context_size": [args.left_frames, frames - 1], "allow_inexact": True,
               "buckets": [args.batch]}
     if args.engine == "torch-cuda":
-        params = with_engine(model, "cache_aware", params, "torch-cuda", kv_cache=args.kv_cache,
-                             compile_mode=args.compile or None)
+        params = with_streaming_engine(model, "cache_aware", params, "torch-cuda", kv_cache=args.kv_cache,
+                                       compile_mode=args.compile or None)
     mode = BatchedCacheAwareMode(model, capacity=args.batch, **params)
     t = time.perf_counter()
     mode.warmup(args.batch)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from trt_asr.checkpoint import load_model
+from trt_asr.engines import with_streaming_engine
 from trt_asr.engines.torch_engine import TorchEncoderEngine
 from trt_asr.streaming.batched_cache_aware import BatchedCacheAwareMode
 from trt_asr.streaming.cache_aware import CacheAwareMode, CacheAwareParams, offline_equivalent
@@ -361,7 +362,7 @@ def test_load_tool_batched_state_with_torch_cuda_engine_equals_reference(kv_cach
     bench._streamable_features(model, mode)
     assert bench.cache_aware_state(args, mode) == "batched"
     want = bench.reference_texts(model, mode, params, bench.stream_audios(args, 3))
-    engine_params = bench.with_engine(model, mode, params, "torch-cuda", args.kv_cache)
+    engine_params = with_streaming_engine(model, mode, params, "torch-cuda", args.kv_cache)
     assert engine_params["engine"].kv_cache == kv_cache and engine_params["engine"].inplace_caches
     got = bench.run_in_process(model, args, 3, mode, engine_params, chunk_s)
     assert not got["errors"] and got["lost_audio_seconds"] == 0
@@ -461,9 +462,9 @@ def test_load_tool_compile_option_reaches_the_engine_and_sends_are_never_early(t
     bench.register(p.add_subparsers(dest="cmd"))
     args = p.parse_args(["bench", "load", "--model", "random:tiny", "--compile", "default", "--send-tick-ms", "20"])
     assert args.compile_mode == "default" and args.send_tick_ms == 20
-    buffered = bench.with_engine(load_model("random:tiny"), "buffered", {}, "torch-cuda", compile_mode="default")
+    buffered = with_streaming_engine(load_model("random:tiny"), "buffered", {}, "torch-cuda", compile_mode="default")
     assert buffered["engine"].compile_mode == "default"
-    ca = bench.with_engine(tiny, "cache_aware", {}, "torch-cuda", compile_mode="max-autotune-no-cudagraphs")
+    ca = with_streaming_engine(tiny, "cache_aware", {}, "torch-cuda", compile_mode="max-autotune-no-cudagraphs")
     assert ca["engine"].compile_mode == "max-autotune-no-cudagraphs"
     rng = np.random.default_rng(0)
     for t in rng.uniform(0, 30, 1000):

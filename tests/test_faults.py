@@ -317,6 +317,7 @@ def test_load_tool_torch_cuda_engine_equals_reference_engine(mode_args):
 
     from trt_asr.checkpoint import load_model
     from trt_asr.cli import bench
+    from trt_asr.engines import with_streaming_engine
 
     p = argparse.ArgumentParser()
     bench.register(p.add_subparsers(dest="cmd"))
@@ -326,6 +327,6 @@ def test_load_tool_torch_cuda_engine_equals_reference_engine(mode_args):
     mode, params, chunk_s = bench.mode_params(args)
     bench._streamable_features(model, mode)
     want = bench.reference_texts(model, mode, params, bench.stream_audios(args, 3))
-    got = bench.run_in_process(model, args, 3, mode, bench.with_engine(model, mode, params, "torch-cuda"), chunk_s)
+    got = bench.run_in_process(model, args, 3, mode, with_streaming_engine(model, mode, params, "torch-cuda"), chunk_s)
     assert not got["errors"] and got["lost_audio_seconds"] == 0
     assert got["texts"] == want and any(want)

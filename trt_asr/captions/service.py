@@ -18,13 +18,24 @@ MODES = ("buffered", "cache-aware", "redecode")
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a .nemo file, a model folder, a Hugging Face repo id, or "
                    "random:<preset> (default: the shipped demo model)")
-    p.add_argument("--engine", default="torch", help="encoder engine: torch | torch-cuda | onnxruntime | tensorrt")
+    p.add_argument("--engine", default="torch", help="encoder engine: torch | torch-cuda | onnxruntime | tensorrt "
+                   "(onnxruntime / tensorrt: buffered and redecode modes, through their exported window encoder)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--compile", default=None, metavar="MODE", dest="compile_mode",
+                   help="--engine torch-cuda: run the encoder step through torch.compile (MODE: default, "
+                   "max-autotune-no-cudagraphs, ...) before capturing its CUDA graphs")
+    p.add_argument("--kv-cache", default="layer_input", choices=["layer_input", "projected", "ring"],
+                   help="--engine torch-cuda, cache-aware: the attention cache, as NeMo's layer inputs, as projected "
+                   "keys and values, or as the layer inputs in a ring (no cache shift per layer and step: the "
+                   "fastest on an H100)")
     g = p.add_argument_group("streaming")
     g.add_argument("--mode", default="buffered", choices=MODES,
                    help="buffered (full-attention models), cache-aware (streaming-trained models), or redecode "
                    "(fallback: re-decode everything each step; short clips only)")
+    g.add_argument("--att-context", default=None, metavar="L,R",
+                   help="cache-aware: the attention context in encoder frames, one the model was trained with "
+                   "(default: its first); a chunk is R + 1 frames of 80 ms")
     g.add_argument("--left-secs", type=float, default=10.0, help="buffered: left context")
     g.add_argument("--chunk-secs", type=float, default=1.0, help="buffered: chunk (a step every chunk)")
     g.add_argument("--right-secs", type=float, default=1.0, help="buffered: right context = revisable tail")
@@ -37,6 +48,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="decoder endpoint: no new tokens for this long closes a caption (0: off)")
     g.add_argument("--vad-hangover-ms", type=float, default=600.0, help="energy VAD: silence that ends an utterance")
     g.add_argument("--normalize-gain", action="store_true", help="automatic gain (changes what the model hears)")
+
+
+def check_engine_args(args) -> str:
+    """The engine options of ``add_model_args`` that do not fit together, as a ValueError before anything loads
+    (``serve`` checks them before it starts its processes); returns the engine's name."""
+    from ..engines import engine_name
+
+    engine = engine_name(args.engine or "torch")
+    kv_cache = getattr(args, "kv_cache", None) or "layer_input"
+    if engine != "torch-cuda" and (getattr(args, "compile_mode", None) or kv_cache != "layer_input"):
+        raise ValueError("--compile and --kv-cache are options of --engine torch-cuda")
+    if kv_cache != "layer_input" and args.mode != "cache-aware":
+        raise ValueError("--kv-cache is an option of --mode cache-aware")
+    if getattr(args, "att_context", None):
+        if args.mode != "cache-aware":
+            raise ValueError("--att-context is an option of --mode cache-aware")
+        parse_att_context(args.att_context)
+    if args.mode == "cache-aware" and engine not in ("torch", "torch-cuda"):
+        raise ValueError(f"--mode cache-aware runs on --engine torch or torch-cuda; {engine} serves buffered "
+                         "streams through its exported window encoder")
+    return engine
+
+
+def parse_att_context(text: str) -> list[int]:
+    """``--att-context L,R`` -> [L, R] (encoder frames)."""
+    try:
+        left, right = (int(x) for x in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--att-context must be L,R (two integers), got {text!r}") from None
+    return [left, right]
 
 
 @dataclass
@@ -75,19 +116,26 @@ class CaptionService:
         """``pool``: a ``RemoteCaptionPool`` (a front-end of ``serve --engines``): the engine processes hold the
         model and the scheduler; this service only makes the caption pipelines."""
         from ..checkpoint import load_model
+        from ..engines import load_engine_model, with_streaming_engine
 
         if pool is not None:
             return cls(pool.model, args.mode, pool.params, args.commit, args.commit_age_ms, args.commit_after_updates,
                        args.endpoint_ms or None, args.vad_hangover_ms, args.normalize_gain, pool=pool)
-        if args.engine not in ("torch", None):
-            from ..engines import load_engine_model
-
-            model = load_engine_model(args.engine, args.model, device=args.device, dtype=args.dtype)
-        else:
+        engine = check_engine_args(args)
+        kv_cache = getattr(args, "kv_cache", None) or "layer_input"
+        compile_mode = getattr(args, "compile_mode", None)
+        # the scheduler's streaming modes take the engine beside the model (with_streaming_engine); redecode and
+        # the exported engines (onnxruntime, tensorrt) wrap the model's offline encoder instead (load_engine_model)
+        engine_beside = engine == "torch-cuda" and args.mode in ("buffered", "cache-aware")
+        if engine == "torch" or engine_beside:
             model = load_model(args.model, device=args.device, dtype=args.dtype)
+        else:
+            model = load_engine_model(engine, args.model, device=args.device, dtype=args.dtype)
         params = {}
         if args.mode == "buffered":
             params = {"left_secs": args.left_secs, "chunk_secs": args.chunk_secs, "right_secs": args.right_secs}
+        if getattr(args, "att_context", None):
+            params["att_context_size"] = parse_att_context(args.att_context)
         fixed = getattr(args, "fixed_batch", None)  # serve: one batch shape per engine call
         if fixed:
             if args.mode == "buffered":
@@ -104,8 +152,15 @@ class CaptionService:
             config = SchedulerConfig(max_streams=args.max_sessions + 2, max_batch=max(args.max_batch, fixed or 0),
                                      batch_wait=args.batch_wait_ms / 1000, idle_timeout=None,
                                      sample_rate=model.cfg.sample_rate)
+        pool = None
+        if engine_beside:  # the scheduler's pool over the engine; ``params`` stay what clients are told (JSON)
+            from ..streaming.scheduler import CaptionSchedulerPool
+
+            pool = CaptionSchedulerPool(model, args.mode, config, **with_streaming_engine(
+                model, args.mode, params, engine, kv_cache, compile_mode))
         return cls(model, args.mode, params, args.commit, args.commit_age_ms, args.commit_after_updates,
-                   args.endpoint_ms or None, args.vad_hangover_ms, args.normalize_gain, scheduler_config=config)
+                   args.endpoint_ms or None, args.vad_hangover_ms, args.normalize_gain, scheduler_config=config,
+                   pool=pool)
 
     @property
     def sample_rate(self) -> int:

@@ -286,43 +286,11 @@ def _streamable_features(model, mode: str) -> bool:
     return False
 
 
-def with_engine(model, mode: str, params: dict, engine: str, kv_cache: str = "layer_input",
-                compile_mode: str | None = None) -> dict:
-    """Mode params plus the encoder engine object (``torch``: the mode's own reference engine). The torch-cuda
-    engine runs the model's encoder in the model's dtype, one CUDA graph per (batch bucket, shape), optionally
-    through ``torch.compile`` (``compile_mode``). A ``buckets`` entry (``--fixed-batch``) is kept for the batched
-    cache-aware mode."""
-    if engine == "torch":
-        return params
-    from ..engines.torch_cuda import TorchCudaEngine
-
-    prec = {torch_dtype: name for name, torch_dtype in _dtypes().items()}[model.dtype]
-    if mode == "buffered":
-        eng = TorchCudaEngine(model, "window", prec, model.device, output_dtype=model.dtype, compile_mode=compile_mode)
-        return {**params, "engine": eng}
-    from ..streaming.cache_aware import CacheAwareParams
-
-    cp = CacheAwareParams.for_encoder(model.cfg.encoder, att_context_size=params.get("att_context_size"),
-                                      chunk_size=params.get("chunk_size"),
-                                      allow_inexact=params.get("allow_inexact", False))
-    # batch buckets up to 2048: BatchedCacheAwareMode steps up to --max-batch streams at once
-    eng = TorchCudaEngine(model, "stream", prec, model.device, params=cp, output_dtype=model.dtype,
-                          batch_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), kv_cache=kv_cache,
-                          inplace_caches=True, compile_mode=compile_mode)
-    return {"params": cp, "engine": eng, **({"buckets": params["buckets"]} if params.get("buckets") else {})}
-
-
 def _jsonable_params(params: dict) -> dict:
     out = {k: v for k, v in params.items() if k != "engine"}
     if "params" in out and hasattr(out["params"], "to_dict"):
         out["params"] = out["params"].to_dict()
     return out
-
-
-def _dtypes():
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _detok(model, ids) -> str:
@@ -544,13 +512,14 @@ def _bench_service(spec: dict):
         model.name = spec["model"]
     pool = None
     if spec["batching"] != "lock":
+        from ..engines import with_streaming_engine
         from ..streaming.scheduler import CaptionSchedulerPool, SchedulerConfig
 
         state = {"per-stream": "per-stream", "pooled": "per-stream"}.get(spec.get("state"), "auto")
         config = SchedulerConfig(max_streams=spec["max_sessions"] + 2, max_batch=spec["max_batch"], idle_timeout=None,
                                  sample_rate=model.cfg.sample_rate, batch_wait=spec.get("batch_wait_ms", 0.0) / 1000)
-        params = with_engine(model, spec["mode"], spec["params"], spec.get("engine", "torch"),
-                             spec.get("kv_cache", "layer_input"), spec.get("compile_mode"))
+        params = with_streaming_engine(model, spec["mode"], spec["params"], spec.get("engine", "torch"),
+                                       spec.get("kv_cache", "layer_input"), spec.get("compile_mode"))
         pool = CaptionSchedulerPool(model, spec["mode"], config, state=state, **params)
         mode = pool.recognizer.mode
         if hasattr(mode, "warmup") and model.device.type == "cuda":  # CUDA graphs of every bucket before traffic
@@ -1001,7 +970,9 @@ def run_load(args) -> int:
             model = load_model(args.model, device=args.device, dtype=args.dtype)
             _streamable_features(model, mode)
             if args.engine != "torch":  # one engine (its CUDA graphs) for the references and the timed runs
-                params = with_engine(model, mode, params, args.engine, args.kv_cache, args.compile_mode)
+                from ..engines import with_streaming_engine
+
+                params = with_streaming_engine(model, mode, params, args.engine, args.kv_cache, args.compile_mode)
             if cache_aware_state(args, mode) == "batched":
                 # one mode object for the references and every timed run: warm CUDA graphs, and the references
                 # are the same mode's (GPU mel) transcripts of each stream

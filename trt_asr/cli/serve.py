@@ -100,6 +100,13 @@ def run(args) -> int:
     if args.drain_timeout < 0:
         print(f"error: --drain-timeout must be >= 0, got {args.drain_timeout}", file=sys.stderr)
         return 2
+    from ..captions.service import check_engine_args
+
+    try:
+        check_engine_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args.token = args.token or os.environ.get("TRT_ASR_TOKEN") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print(f"warning: binding {args.host} without --token: anyone who can reach it can use it", file=sys.stderr)
@@ -114,9 +121,12 @@ def run(args) -> int:
         serve_app(app, args.host, args.port, args.drain_timeout, args.log_level, ws_deflate=args.ws_deflate)
         return 0
     engines = f", {args.engines} engine processes" if args.engines else ""
+    # compiled on CUDA: the first model process compiles and autotunes alone, the others load its kernels and tuned
+    # configurations (the same numerics in every process; serve_workers says why)
+    first_alone = bool(args.compile_mode) and args.device == "cuda"
     return serve_workers(build_app, (args,), args.workers, args.host, args.port, args.max_sessions,
                          args.drain_timeout, args.log_level,
                          on_ready=lambda: print(f"trt-asr serve: {where} ({args.workers} workers{engines}, mode "
                                                 f"{args.mode})", file=sys.stderr, flush=True),
                          ws_deflate=args.ws_deflate, engines=args.engines, engine_build=build_engine,
-                         engine_args=(args,))
+                         engine_args=(args,), first_alone=first_alone)

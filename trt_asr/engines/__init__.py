@@ -78,6 +78,43 @@ def create_engine(name: str, model_or_dir, mode: str = "window", precision: str 
     return TensorRTEngine(model_or_dir, mode=mode, device=device or "cuda", **kwargs)
 
 
+KV_CACHES = ("layer_input", "projected", "ring")
+
+
+def with_streaming_engine(model, mode: str, params: dict, engine: str = "torch-cuda", kv_cache: str = "layer_input",
+                          compile_mode: str | None = None) -> dict:
+    """The keyword arguments of a scheduler's streaming mode (``CaptionSchedulerPool``, ``Recognizer``) with its
+    encoder on ``engine``: ``params`` (the mode's own: buffered windows, or cache-aware ``att_context_size`` /
+    ``chunk_size`` / ``allow_inexact`` / ``buckets``) plus the engine object. ``torch``: the mode's own reference
+    engine (``params`` unchanged). ``torch-cuda``: the model's encoder in the model's dtype, one CUDA graph per
+    (batch bucket, shape), optionally through ``torch.compile`` (``compile_mode``); in cache-aware mode with the
+    attention cache layout ``kv_cache`` (NeMo's layer inputs, projected K/V, or the layer inputs in a ring) and
+    caches updated in place. What ``bench load``, ``serve`` and ``live`` run."""
+    name = engine_name(engine)
+    if name == "torch":
+        return params
+    if name != "torch-cuda":
+        raise ValueError(f"the scheduler's streaming modes run on the torch or torch-cuda engine, not {name}")
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache={kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+    from .torch_cuda import TorchCudaEngine
+
+    prec = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[model.dtype]
+    if _mode(mode.replace("_", "-")) == "window":
+        eng = TorchCudaEngine(model, "window", prec, model.device, output_dtype=model.dtype, compile_mode=compile_mode)
+        return {**params, "engine": eng}
+    from ..streaming.cache_aware import CacheAwareParams
+
+    cp = CacheAwareParams.for_encoder(model.cfg.encoder, att_context_size=params.get("att_context_size"),
+                                      chunk_size=params.get("chunk_size"),
+                                      allow_inexact=params.get("allow_inexact", False))
+    # batch buckets up to 2048: the batched cache-aware mode steps up to its scheduler's max_batch streams at once
+    eng = TorchCudaEngine(model, "stream", prec, model.device, params=cp, output_dtype=model.dtype,
+                          batch_buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), kv_cache=kv_cache,
+                          inplace_caches=True, compile_mode=compile_mode)
+    return {"params": cp, "engine": eng, **({"buckets": params["buckets"]} if params.get("buckets") else {})}
+
+
 # ----------------------------------------------------------------------------------------------- model facade
 class EngineModel:
     """The parts of ``TransducerModel`` that offline transcription uses (``encode``, ``features``,
