@@ -33,7 +33,7 @@ def _rss_mb() -> float:
 
 
 class _Server:
-    def __init__(self, token=None):
+    def __init__(self, token=None, idle_timeout: float | None = None):
         import torch
 
         from trt_asr.captions.service import CaptionService
@@ -44,7 +44,7 @@ class _Server:
         self.model = load_model("random:tiny")
         svc = CaptionService(self.model, "buffered", dict(PARAMS))
         app = create_app(svc, token, Limits(max_sessions=MAX_SESSIONS, max_frame_bytes=MAX_FRAME,
-                                            max_stream_seconds=600))
+                                            max_stream_seconds=600, idle_timeout=idle_timeout))
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -225,6 +225,28 @@ def test_client_that_never_reads(server):
     assert _wait_sessions(server, 0, timeout=60)
     events, code, _ = asyncio.run(run_client(server.url, GOOD_CONFIG, GOOD_FRAMES[:5]))
     assert code == 1000
+
+
+def test_idle_stream_is_finalised_closed_and_freed():
+    """A client that sends its config and 2 s of audio, then nothing (no audio, no end) for longer than the idle
+    timeout: the audio the server took is finalised (the same finals as that audio ended normally, `end` says 2 s),
+    with an `idle_timeout` error, close 1000, and its place is free again. A client that pauses less than the
+    timeout between frames is not touched, however long it streams."""
+    s = _Server(idle_timeout=1.0)
+    try:
+        frames = GOOD_FRAMES[:20]
+        ended, code, _ = asyncio.run(run_client(s.url, GOOD_CONFIG, frames))
+        assert code == 1000 and not errors(ended)
+        events, code, _ = asyncio.run(run_client(s.url, GOOD_CONFIG, frames, end=False, timeout=30))
+        assert code == 1000, events[-3:]
+        assert [e["code"] for e in errors(events)] == ["idle_timeout"] and "1 s" in errors(events)[0]["message"]
+        assert events[-1]["type"] == "end" and abs(events[-1]["audio_duration"] - 2.0) < 0.01
+        assert finals_text(events) == finals_text(ended)
+        assert _wait_sessions(s, 0)
+        slow, code, _ = asyncio.run(run_client(s.url, GOOD_CONFIG, GOOD_FRAMES[:8], pace=0.4, timeout=30))
+        assert code == 1000 and not errors(slow) and slow[-1]["type"] == "end"
+    finally:
+        s.stop()
 
 
 def test_connection_flood(server):

@@ -304,7 +304,7 @@ def test_serve_batching_options_reach_the_scheduler(model, pcm):
     for c in (a, b):
         check_stream_invariants(c.events)
         assert finals_text(c.events) == expected
-    for bad in (["--fixed-batch", "0"], ["--max-batch", "0"], ["--batch-wait-ms", "-1"]):
+    for bad in (["--fixed-batch", "0"], ["--max-batch", "0"], ["--batch-wait-ms", "-1"], ["--idle-timeout", "-1"]):
         r = subprocess.run([sys.executable, "-m", "trt_asr", "serve", "--port", str(free_port()), *bad],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "must be" in r.stderr, r.stderr

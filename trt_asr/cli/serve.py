@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGINT / SIGTERM: seconds the open streams "
                    "get to finish (their finals and 'end' go out, then close code 1001)")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="POST /v1/audio/transcriptions limit")
+    p.add_argument("--idle-timeout", type=float, default=60.0, help="a stream whose client sends nothing (no audio, "
+                   "no end) for this many seconds is finalised and closed (error idle_timeout), freeing its place; "
+                   "0: never")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up stream at start-up")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     from ..captions.service import add_model_args
@@ -60,7 +63,8 @@ def build_app(args, admission=None, health=None, remote=None):
         if not args.no_warmup:
             per_worker = -(-args.max_sessions // max(1, args.workers))  # the streams one worker is likely to carry
             svc.warmup(streams=per_worker if svc.model.device.type == "cuda" else None)
-    limits = Limits(max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
+    limits = Limits(max_sessions=args.max_sessions, max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+                    idle_timeout=args.idle_timeout)
     return create_app(svc, args.token, limits, admission=admission, health=health)
 
 
@@ -97,8 +101,9 @@ def run(args) -> int:
     if args.max_batch < 1 or (args.fixed_batch is not None and args.fixed_batch < 1) or args.batch_wait_ms < 0:
         print("error: --max-batch and --fixed-batch must be >= 1, --batch-wait-ms >= 0", file=sys.stderr)
         return 2
-    if args.drain_timeout < 0:
-        print(f"error: --drain-timeout must be >= 0, got {args.drain_timeout}", file=sys.stderr)
+    if args.drain_timeout < 0 or args.idle_timeout < 0:
+        print(f"error: --drain-timeout and --idle-timeout must be >= 0, got {args.drain_timeout} and "
+              f"{args.idle_timeout}", file=sys.stderr)
         return 2
     from ..captions.service import check_engine_args
 

@@ -45,6 +45,7 @@ MAX_FRAME_BYTES = 1 << 20  # one binary WebSocket message
 MAX_UPLOAD_BYTES = 25 << 20  # as OpenAI's endpoint
 MAX_STREAM_SECONDS = 4 * 3600
 MAX_BACKLOG_SECONDS = 30.0  # unprocessed audio per stream before the server stops reading its socket
+IDLE_TIMEOUT_SECONDS = 60.0  # a stream that sends nothing (no audio, no end) this long is finalised and closed
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 STATIC_DIR = Path(str(resources.files("trt_asr.serving").joinpath("static")))
 
@@ -56,11 +57,13 @@ def _openai_error(message: str, status: int = 400, param: str | None = None, cod
 
 class Limits:
     def __init__(self, max_sessions: int = 16, max_frame_bytes: int = MAX_FRAME_BYTES,
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES, max_stream_seconds: float = MAX_STREAM_SECONDS):
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, max_stream_seconds: float = MAX_STREAM_SECONDS,
+                 idle_timeout: float | None = IDLE_TIMEOUT_SECONDS):
         self.max_sessions = max_sessions
         self.max_frame_bytes = max_frame_bytes
         self.max_upload_bytes = max_upload_bytes
         self.max_stream_seconds = max_stream_seconds
+        self.idle_timeout = idle_timeout or None  # None / 0: a silent client keeps its stream
 
 
 class LoopRelay:
@@ -288,7 +291,11 @@ def create_app(service: CaptionService, token: str | None = None, limits: Limits
             """Audio frames into the pipeline until the client ends the stream; returns (error, disconnected)."""
             nonlocal received
             while True:
-                msg = await ws.receive()
+                try:  # (cancelling a receive loses nothing: the stream ends here anyway)
+                    msg = await asyncio.wait_for(ws.receive(), limits.idle_timeout)
+                except asyncio.TimeoutError:  # its place goes back to the others; the audio it sent is finalised
+                    return ("idle_timeout", f"no message for {limits.idle_timeout:g} s: the stream was finalised "
+                            "and closed (keep sending audio, or send {\"type\": \"end\"})"), False
                 if msg["type"] == "websocket.disconnect":
                     return None, True
                 data = msg.get("bytes")
