@@ -54,6 +54,7 @@ def check_engine_args(args) -> str:
     """The engine options of ``add_model_args`` that do not fit together, as a ValueError before anything loads
     (``serve`` checks them before it starts its processes); returns the engine's name."""
     from ..engines import engine_name
+    from ..streaming.cache_aware import parse_att_context
 
     engine = engine_name(args.engine or "torch")
     kv_cache = getattr(args, "kv_cache", None) or "layer_input"
@@ -69,15 +70,6 @@ def check_engine_args(args) -> str:
         raise ValueError(f"--mode cache-aware runs on --engine torch or torch-cuda; {engine} serves buffered "
                          "streams through its exported window encoder")
     return engine
-
-
-def parse_att_context(text: str) -> list[int]:
-    """``--att-context L,R`` -> [L, R] (encoder frames)."""
-    try:
-        left, right = (int(x) for x in str(text).split(","))
-    except ValueError:
-        raise ValueError(f"--att-context must be L,R (two integers), got {text!r}") from None
-    return [left, right]
 
 
 @dataclass
@@ -117,6 +109,7 @@ class CaptionService:
         model and the scheduler; this service only makes the caption pipelines."""
         from ..checkpoint import load_model
         from ..engines import load_engine_model, with_streaming_engine
+        from ..streaming.cache_aware import parse_att_context
 
         if pool is not None:
             return cls(pool.model, args.mode, pool.params, args.commit, args.commit_age_ms, args.commit_after_updates,

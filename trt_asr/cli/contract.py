@@ -35,15 +35,14 @@ def model_config(spec: str):
 
 
 def stream_params(enc_cfg, args):
-    from ..streaming.cache_aware import CacheAwareParams
+    from ..streaming.cache_aware import CacheAwareParams, parse_att_context
 
     att = None
     if args.att_context:
         try:
-            att = [int(x) for x in args.att_context.split(",")]
-            assert len(att) == 2
-        except (ValueError, AssertionError):
-            raise SystemExit(f"error: --att-context must be L,R (two integers), got {args.att_context!r}") from None
+            att = parse_att_context(args.att_context)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     if att is not None and att != list(enc_cfg.att_context_sizes[0]):
         enc_cfg.att_context_size = att  # a different context of the same (multi-context) model
         if enc_cfg.att_context_style == "regular" and att[1] >= 0 and args.allow_inexact:

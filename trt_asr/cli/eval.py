@@ -130,12 +130,12 @@ def run(args) -> int:
     if args.limit:
         entries = entries[: args.limit]
     model = load_model(args.model or default_model_spec(args.mode), device=args.device)
+    from ..streaming.cache_aware import parse_att_context
+
     try:
-        att = [int(v) for v in args.att_context.split(",")] if args.att_context else None
-        if att is not None and len(att) != 2:
-            raise ValueError
-    except ValueError:
-        print(f"error: --att-context must be L,R (two integers), got {args.att_context!r}", file=sys.stderr)
+        att = parse_att_context(args.att_context) if args.att_context else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     audios = [load_audio(e["audio_filepath"], model.cfg.sample_rate) for e in entries]
     seconds = sum(len(a) for a in audios) / model.cfg.sample_rate

@@ -40,11 +40,12 @@ def run(args) -> int:
     if args.mode == "cache-aware":
         att = None
         if args.att_context:
+            from ..streaming.cache_aware import parse_att_context
+
             try:
-                att = [int(x) for x in args.att_context.split(",")]
-                assert len(att) == 2
-            except (ValueError, AssertionError):
-                print(f"error: --att-context must be L,R, got {args.att_context!r}", file=sys.stderr)
+                att = parse_att_context(args.att_context)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
                 return 2
         params = default_params(model, att, args.chunk_frames, args.left_chunks)
         if not params.exact:

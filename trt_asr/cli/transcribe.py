@@ -128,11 +128,12 @@ def _stream_params(args) -> dict:
         return {"left_secs": args.left_secs, "chunk_secs": args.chunk_secs, "right_secs": args.right_secs}
     params = {}
     if args.att_context:
+        from ..streaming.cache_aware import parse_att_context
+
         try:
-            left, right = (int(x) for x in args.att_context.split(","))
-        except ValueError:
-            raise SystemExit(f"error: --att-context must be L,R (two integers), got {args.att_context!r}")
-        params["att_context_size"] = [left, right]
+            params["att_context_size"] = parse_att_context(args.att_context)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     if args.chunk_frames:
         params["chunk_frames"] = args.chunk_frames
     return params

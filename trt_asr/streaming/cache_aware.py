@@ -36,6 +36,15 @@ from ..config import EncoderConfig
 from .frontend import StreamingFrontEnd
 
 
+def parse_att_context(text: str) -> list[int]:
+    """A command line's ``--att-context L,R`` -> [L, R] (encoder frames); ValueError with the option's name."""
+    try:
+        left, right = (int(x) for x in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--att-context must be L,R (two integers), got {text!r}") from None
+    return [left, right]
+
+
 class NonCausalStreamingError(ValueError):
     """A model whose subsampling, convolution or attention looks ahead was put in cache-aware mode."""
 
